@@ -1,0 +1,5 @@
+"""Bach: a durable orchestration engine for pipelines of independent services."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
