@@ -1,0 +1,54 @@
+"""Backends by URL: ``memory://``, ``sqlite:///path`` (the default), ``redis://host/db``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from bach.backends.port import Backend
+from bach.errors import StoreError
+
+#: Where the default store lives, relative to the working directory.
+DEFAULT_STORE = "sqlite:///.bach/bach.db"
+SCHEMES = ("memory", "sqlite", "redis")
+
+
+def store_url(url: str | None = None) -> str:
+    """The store to use: the given URL, else ``BACH_STORE``, else the default file."""
+    return url or os.environ.get("BACH_STORE") or DEFAULT_STORE
+
+
+def open_backend(url: str | None = None) -> Backend:
+    """Open a backend by URL. Imports only the implementation the scheme names."""
+    url = store_url(url)
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from bach.backends.memory import MemoryBackend
+
+        return MemoryBackend(url)
+    if scheme == "sqlite":
+        from bach.backends.sqlite import SqliteBackend
+
+        return SqliteBackend(url)
+    if scheme == "redis":
+        try:
+            from bach.backends.redis import RedisBackend  # type: ignore[import-not-found]
+        except ImportError:
+            raise StoreError("store", "the redis backend is not available yet") from None
+        backend: Backend = RedisBackend(url)
+        return backend
+    raise StoreError(
+        "store", f"unknown store scheme {scheme!r} in {url!r} (expected {', '.join(SCHEMES)})"
+    )
+
+
+def sqlite_path(url: str) -> Path:
+    """The file of an ``sqlite:///relative`` or ``sqlite:////absolute`` URL."""
+    parts = urlsplit(url)
+    path = parts.netloc + parts.path
+    if path.startswith("/"):
+        path = path[1:]
+    if not path:
+        raise StoreError("store", f"{url!r} names no file (try sqlite:///.bach/bach.db)")
+    return Path(path)

@@ -1,0 +1,212 @@
+"""An in-process backend for tests and single-process runs. Nothing survives the process.
+
+Everything runs on the event loop, so each method is atomic by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from bach.backends.port import (
+    JobRecord,
+    Lease,
+    QueueStats,
+    Report,
+    RequestRecord,
+    Stats,
+    Transition,
+)
+
+
+@dataclass
+class _Slot:
+    job: JobRecord
+    seq: int
+    worker: str | None = None
+    until: float = 0.0
+    deliveries: int = 0
+
+
+class _Signal:
+    """Wake-ups that are never lost: a set before a wait makes the wait return at once."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+
+    def ring(self, topic: str) -> None:
+        self._events[topic].set()
+
+    async def wait(self, topic: str, timeout: float) -> None:
+        event = self._events[topic]
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        event.clear()
+
+
+class MemoryBackend:
+    def __init__(self, url: str = "memory://") -> None:
+        self.url = url
+        self._requests: dict[str, RequestRecord] = {}
+        self._keys: dict[str, str] = {}
+        self._plans: dict[str, str] = {}
+        self._jobs: dict[str, _Slot] = {}
+        self._reports: dict[str, Report] = {}
+        self._seq = 0
+        self._signal = _Signal()
+
+    async def create(
+        self, record: RequestRecord, plan_id: str, plan: str, jobs: Sequence[JobRecord]
+    ) -> tuple[RequestRecord, bool]:
+        existing = self._keys.get(record.key)
+        if existing is not None:
+            return self._requests[existing], False
+        self._plans.setdefault(plan_id, plan)
+        self._requests[record.id] = record
+        self._keys[record.key] = record.id
+        self._enqueue(jobs)
+        return record, True
+
+    async def load(self, ref: str) -> RequestRecord | None:
+        found = self._requests.get(ref)
+        if found is None and ref in self._keys:
+            found = self._requests[self._keys[ref]]
+        return found
+
+    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
+        return {i: self._requests[i] for i in ids if i in self._requests}
+
+    async def list_requests(
+        self, status: str | None = None, limit: int = 100, before: float | None = None
+    ) -> list[RequestRecord]:
+        rows = [
+            r
+            for r in self._requests.values()
+            if (status is None or r.status == status) and (before is None or r.created_at < before)
+        ]
+        rows.sort(key=lambda r: r.created_at, reverse=True)
+        return rows[:limit]
+
+    async def plan(self, plan_id: str) -> str | None:
+        return self._plans.get(plan_id)
+
+    async def commit(self, transitions: Sequence[Transition]) -> list[bool]:
+        return [self._apply(t) for t in transitions]
+
+    def _apply(self, t: Transition) -> bool:
+        if t.record is not None:
+            current = self._requests.get(t.request_id)
+            if current is None or current.version != t.expected_version:
+                return False
+            self._requests[t.request_id] = t.record
+        for job_id in t.consumed:
+            self._reports.pop(job_id, None)
+        if t.withdraw:
+            for job_id, slot in list(self._jobs.items()):
+                if slot.job.request_id == t.request_id and slot.worker is None:
+                    del self._jobs[job_id]
+        self._enqueue(t.enqueue)
+        return True
+
+    def _enqueue(self, jobs: Sequence[JobRecord]) -> None:
+        for job in jobs:
+            if job.id not in self._jobs:
+                self._seq += 1
+                self._jobs[job.id] = _Slot(job, self._seq)
+                self._signal.ring("jobs:" + job.service)
+
+    async def lease(
+        self, service: str, worker: str, now: float, ttl: float, limit: int = 1
+    ) -> list[Lease]:
+        ready = sorted(
+            (
+                s
+                for s in self._jobs.values()
+                if s.job.service == service and s.worker is None and s.job.available_at <= now
+            ),
+            key=lambda s: (s.job.available_at, s.seq),
+        )[:limit]
+        leases = []
+        for slot in ready:
+            slot.worker, slot.until = worker, now + ttl
+            slot.deliveries += 1
+            leases.append(Lease(slot.job, worker, slot.until, slot.deliveries))
+        return leases
+
+    async def extend(self, job_ids: Sequence[str], worker: str, until: float) -> list[str]:
+        lost = []
+        for job_id in job_ids:
+            slot = self._jobs.get(job_id)
+            if slot is None or slot.worker != worker:
+                lost.append(job_id)
+            else:
+                slot.until = until
+        return lost
+
+    async def report(self, reports: Sequence[Report]) -> None:
+        for report in reports:
+            self._jobs.pop(report.job_id, None)
+            self._reports.setdefault(report.job_id, report)
+        if reports:
+            self._signal.ring("reports")
+
+    async def release(self, job_ids: Sequence[str], worker: str) -> int:
+        released = 0
+        for job_id in job_ids:
+            slot = self._jobs.get(job_id)
+            if slot is not None and slot.worker == worker:
+                slot.worker, slot.until = None, 0.0
+                slot.deliveries -= 1
+                released += 1
+                self._signal.ring("jobs:" + slot.job.service)
+        return released
+
+    async def release_worker(self, worker: str) -> int:
+        return self._requeue(lambda s: s.worker == worker)
+
+    async def requeue_expired(self, now: float) -> int:
+        return self._requeue(lambda s: s.worker is not None and s.until < now)
+
+    def _requeue(self, match: Callable[[_Slot], bool]) -> int:
+        slots = [s for s in self._jobs.values() if match(s)]
+        for slot in slots:
+            slot.worker, slot.until = None, 0.0
+            self._signal.ring("jobs:" + slot.job.service)
+        return len(slots)
+
+    async def reports(self, limit: int) -> list[Report]:
+        return list(self._reports.values())[:limit]
+
+    async def stats(self, now: float) -> Stats:
+        counts: dict[str, int] = defaultdict(int)
+        for record in self._requests.values():
+            counts[record.status] += 1
+        queues: dict[str, QueueStats] = {}
+        workers: dict[str, int] = defaultdict(int)
+        for slot in self._jobs.values():
+            q = queues.get(slot.job.service, QueueStats())
+            if slot.worker is not None:
+                q = replace(q, running=q.running + 1)
+                workers[slot.worker] += 1
+            elif slot.job.available_at > now:
+                q = replace(q, delayed=q.delayed + 1)
+            else:
+                oldest = slot.job.available_at
+                if q.oldest_queued_at is not None:
+                    oldest = min(oldest, q.oldest_queued_at)
+                q = replace(q, queued=q.queued + 1, oldest_queued_at=oldest)
+            queues[slot.job.service] = q
+        return Stats(dict(counts), queues, len(self._reports), dict(workers))
+
+    async def wait_jobs(self, service: str, timeout: float) -> None:
+        await self._signal.wait("jobs:" + service, timeout)
+
+    async def wait_reports(self, timeout: float) -> None:
+        await self._signal.wait("reports", timeout)
+
+    async def close(self) -> None:
+        return None

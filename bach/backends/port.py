@@ -1,0 +1,175 @@
+"""The backend port: what Bach needs from a store, as one Protocol.
+
+Records are plain data; bodies and payloads are JSON text the backend does not read.
+Every method is one atomic unit (an SQLite transaction, a Redis script): a transition
+either happens whole or not at all, whichever process calls it.
+
+Delivery is at-least-once: a leased job whose lease runs out goes back to its queue.
+Application is exactly-once: ``commit`` applies a transition only if the request is
+still at the version it was read at, and the state machine ignores reports it has
+already applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    id: str
+    key: str
+    status: str
+    version: int
+    plan_id: str
+    #: JSON of the request's state (``machine.Request.to_dict``).
+    body: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One attempt of one task, as it sits on its service's queue."""
+
+    id: str
+    request_id: str
+    task: str
+    attempt: int
+    service: str
+    #: JSON of the task's input.
+    payload: str
+    available_at: float
+    timeout: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    job: JobRecord
+    worker: str
+    until: float
+    #: How many times this job has been handed to a worker, this time included.
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class Report:
+    """A worker's outcome for one job: the completion channel's unit."""
+
+    job_id: str
+    request_id: str
+    task: str
+    attempt: int
+    ok: bool
+    #: JSON of the result when ok, else the error message.
+    payload: str
+    worker: str
+    at: float
+    retryable: bool = True
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One atomic step of one request."""
+
+    request_id: str
+    expected_version: int
+    #: The new state (its version is expected_version + 1), or None if unchanged.
+    record: RequestRecord | None
+    enqueue: tuple[JobRecord, ...] = ()
+    #: Reports this step has applied; they leave the completion channel with it.
+    consumed: tuple[str, ...] = ()
+    #: Remove this request's queued (not leased) jobs.
+    withdraw: bool = False
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    queued: int = 0
+    delayed: int = 0
+    running: int = 0
+    oldest_queued_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Stats:
+    requests: dict[str, int] = field(default_factory=dict)
+    queues: dict[str, QueueStats] = field(default_factory=dict)
+    reports: int = 0
+    #: Holder of each lease, by worker id.
+    workers: dict[str, int] = field(default_factory=dict)
+
+
+class Backend(Protocol):
+    """Storage, queues and the completion channel."""
+
+    url: str
+
+    async def create(
+        self, record: RequestRecord, plan_id: str, plan: str, jobs: Sequence[JobRecord]
+    ) -> tuple[RequestRecord, bool]:
+        """Store a new request with its plan and first jobs. If a request with the same
+        key exists, store nothing and return it with False."""
+        ...
+
+    async def load(self, ref: str) -> RequestRecord | None:
+        """A request by id, or else by tracking key."""
+        ...
+
+    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]: ...
+
+    async def list_requests(
+        self, status: str | None = None, limit: int = 100, before: float | None = None
+    ) -> list[RequestRecord]:
+        """Newest first, optionally only those with one status or created before a time."""
+        ...
+
+    async def plan(self, plan_id: str) -> str | None: ...
+
+    async def commit(self, transitions: Sequence[Transition]) -> list[bool]:
+        """Apply each transition atomically; False where the version no longer matched."""
+        ...
+
+    async def lease(
+        self, service: str, worker: str, now: float, ttl: float, limit: int = 1
+    ) -> list[Lease]:
+        """Hand out up to ``limit`` available jobs of a service, oldest first."""
+        ...
+
+    async def extend(self, job_ids: Sequence[str], worker: str, until: float) -> list[str]:
+        """Push out leases this worker still holds; returns the ids it no longer holds."""
+        ...
+
+    async def report(self, reports: Sequence[Report]) -> None:
+        """Ack the jobs and put their outcomes on the completion channel, atomically."""
+        ...
+
+    async def release(self, job_ids: Sequence[str], worker: str) -> int:
+        """Give leased jobs back untouched (a clean shutdown): not counted as delivered."""
+        ...
+
+    async def release_worker(self, worker: str) -> int:
+        """Requeue every job a (dead) worker holds."""
+        ...
+
+    async def reports(self, limit: int) -> list[Report]:
+        """Oldest outcomes not yet applied."""
+        ...
+
+    async def requeue_expired(self, now: float) -> int:
+        """Put jobs whose lease ran out back on their queues."""
+        ...
+
+    async def stats(self, now: float) -> Stats: ...
+
+    async def wait_jobs(self, service: str, timeout: float) -> None:
+        """Return when jobs of this service may have arrived, or after timeout."""
+        ...
+
+    async def wait_reports(self, timeout: float) -> None:
+        """Return when reports may have arrived, or after timeout."""
+        ...
+
+    async def close(self) -> None: ...

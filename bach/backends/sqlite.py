@@ -1,0 +1,489 @@
+"""The embedded default: one SQLite file in WAL mode, shared by every process on a host.
+
+Durability. Creating a request and committing a transition are durable when they
+return: the commit fsyncs the WAL (``synchronous=FULL``), so they survive a pulled plug,
+not only a crashed process. Under load many operations share one commit (group
+commit): one writer thread per process takes every waiting operation, runs each in its
+own savepoint inside one transaction, and fsyncs once. Leases and workers' reports are
+committed without their own fsync: a machine that loses power before the next durable
+commit forgets them, and the job simply runs again (delivery is at-least-once); a
+crashed process loses nothing, since SQLite's WAL is in the OS cache. The URL option
+``?synchronous=normal`` drops the fsync everywhere, trading power-loss safety for speed.
+
+Reads go through their own connection and never wait for writers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
+
+from bach.backends import sqlite_path
+from bach.backends._bell import Bell, bell_folder
+from bach.backends.port import (
+    JobRecord,
+    Lease,
+    QueueStats,
+    Report,
+    RequestRecord,
+    Stats,
+    Transition,
+)
+from bach.errors import StoreError
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS plans (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS requests (
+    id TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+    version INTEGER NOT NULL, plan_id TEXT NOT NULL, body TEXT NOT NULL,
+    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS requests_by_status ON requests(status, created_at);
+CREATE INDEX IF NOT EXISTS requests_by_time ON requests(created_at);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, request_id TEXT NOT NULL, task TEXT NOT NULL,
+    attempt INTEGER NOT NULL, service TEXT NOT NULL, payload TEXT NOT NULL,
+    available_at REAL NOT NULL, timeout REAL NOT NULL,
+    worker TEXT, lease_until REAL, deliveries INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(service, available_at) WHERE worker IS NULL;
+CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until) WHERE worker IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_by_request ON jobs(request_id);
+CREATE TABLE IF NOT EXISTS reports (
+    job_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, task TEXT NOT NULL,
+    attempt INTEGER NOT NULL, ok INTEGER NOT NULL, payload TEXT NOT NULL,
+    retryable INTEGER NOT NULL, worker TEXT NOT NULL, at REAL NOT NULL);
+"""
+
+_REQUEST_COLS = "id, key, status, version, plan_id, body, created_at, updated_at"
+_JOB_COLS = "id, request_id, task, attempt, service, payload, available_at, timeout"
+_SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "off": "OFF", "extra": "EXTRA"}
+#: Most operations one group commit takes.
+_BATCH = 512
+
+
+def _request(row: Sequence[Any]) -> RequestRecord:
+    return RequestRecord(*row)
+
+
+def _job(row: Sequence[Any]) -> JobRecord:
+    return JobRecord(*row)
+
+
+def _report(row: Sequence[Any]) -> Report:
+    job_id, request_id, task, attempt, ok, payload, retryable, worker, at = row
+    return Report(job_id, request_id, task, attempt, bool(ok), payload, worker, at, bool(retryable))
+
+
+class _Op:
+    __slots__ = ("durable", "fn", "future", "loop", "topics")
+
+    def __init__(self, fn: Callable[[sqlite3.Connection, set[str]], Any], durable: bool) -> None:
+        self.fn = fn
+        self.durable = durable
+        self.loop = asyncio.get_running_loop()
+        self.future: asyncio.Future[Any] = self.loop.create_future()
+
+
+def _settle(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+class SqliteBackend:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.path = sqlite_path(url)
+        options = parse_qs(urlsplit(url).query)
+        mode = options.get("synchronous", ["full"])[-1].lower()
+        if mode not in _SYNC_MODES:
+            raise StoreError(
+                "store", f"synchronous={mode!r} is not one of {', '.join(_SYNC_MODES)}"
+            )
+        self.synchronous = _SYNC_MODES[mode]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.closing(self._connect()) as conn:
+                conn.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError("store", f"cannot open {self.path}: {exc}") from None
+        self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
+        self._writer = threading.Thread(
+            target=self._write_loop, name="bach-sqlite-writer", daemon=True
+        )
+        self._writer.start()
+        self._local = threading.local()
+        self._readers = ThreadPoolExecutor(2, thread_name_prefix="bach-sqlite-reader")
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._bell = Bell(bell_folder(str(self.path.resolve())))
+        self._closed = False
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=60)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        return conn
+
+    # -- threads -------------------------------------------------------------------------
+
+    def _write_loop(self) -> None:
+        conn = self._connect()
+        mode = self.synchronous
+        try:
+            while True:
+                first = self._ops.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < _BATCH:
+                    try:
+                        op = self._ops.get_nowait()
+                    except queue.Empty:
+                        break
+                    if op is None:
+                        self._ops.put(None)
+                        break
+                    batch.append(op)
+                wanted = self.synchronous
+                if self.synchronous == "FULL" and not any(op.durable for op in batch):
+                    wanted = "NORMAL"
+                if wanted != mode:
+                    conn.execute(f"PRAGMA synchronous={wanted}")
+                    mode = wanted
+                self._run_batch(conn, batch)
+        finally:
+            conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        topics: set[str] = set()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    outcomes.append((True, op.fn(conn, topics)))
+                    conn.execute("RELEASE op")
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    outcomes.append((False, exc))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            error = StoreError("store", f"{self.path}: {exc}")
+            outcomes = [(False, error)] * len(batch)
+            topics = set()
+        for topic in topics:
+            self._bell.ring(topic)
+        for op, (ok, value) in zip(batch, outcomes, strict=True):
+            op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
+
+    async def _write(self, fn: Callable[[sqlite3.Connection, set[str]], T], durable: bool) -> T:
+        if self._closed:
+            raise StoreError("store", "the store is closed")
+        op = _Op(fn, durable)
+        self._ops.put(op)
+        result: T = await op.future
+        return result
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+            self._reader_conns.append(conn)
+        return conn
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._readers, lambda: fn(self._reader()))
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def create(
+        self, record: RequestRecord, plan_id: str, plan: str, jobs: Sequence[JobRecord]
+    ) -> tuple[RequestRecord, bool]:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> tuple[RequestRecord, bool]:
+            row = conn.execute(
+                f"SELECT {_REQUEST_COLS} FROM requests WHERE key = ?", (record.key,)
+            ).fetchone()
+            if row is not None:
+                return _request(row), False
+            conn.execute("INSERT OR IGNORE INTO plans (id, body) VALUES (?, ?)", (plan_id, plan))
+            conn.execute(
+                f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.id,
+                    record.key,
+                    record.status,
+                    record.version,
+                    record.plan_id,
+                    record.body,
+                    record.created_at,
+                    record.updated_at,
+                ),
+            )
+            _enqueue(conn, jobs, topics)
+            return record, True
+
+        return await self._write(op, durable=True)
+
+    async def load(self, ref: str) -> RequestRecord | None:
+        def op(conn: sqlite3.Connection) -> RequestRecord | None:
+            row = (
+                conn.execute(
+                    f"SELECT {_REQUEST_COLS} FROM requests WHERE id = ?", (ref,)
+                ).fetchone()
+                or conn.execute(
+                    f"SELECT {_REQUEST_COLS} FROM requests WHERE key = ?", (ref,)
+                ).fetchone()
+            )
+            return None if row is None else _request(row)
+
+        return await self._read(op)
+
+    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
+        def op(conn: sqlite3.Connection) -> dict[str, RequestRecord]:
+            found: dict[str, RequestRecord] = {}
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                for row in conn.execute(
+                    f"SELECT {_REQUEST_COLS} FROM requests WHERE id IN ({marks})", chunk
+                ):
+                    found[row[0]] = _request(row)
+            return found
+
+        return await self._read(op)
+
+    async def list_requests(
+        self, status: str | None = None, limit: int = 100, before: float | None = None
+    ) -> list[RequestRecord]:
+        where: list[str] = []
+        args: list[Any] = []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if before is not None:
+            where.append("created_at < ?")
+            args.append(before)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        sql = f"SELECT {_REQUEST_COLS} FROM requests {clause} ORDER BY created_at DESC LIMIT ?"
+
+        def op(conn: sqlite3.Connection) -> list[RequestRecord]:
+            return [_request(row) for row in conn.execute(sql, (*args, limit))]
+
+        return await self._read(op)
+
+    async def plan(self, plan_id: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT body FROM plans WHERE id = ?", (plan_id,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._read(op)
+
+    async def commit(self, transitions: Sequence[Transition]) -> list[bool]:
+        def apply(t: Transition) -> Callable[[sqlite3.Connection, set[str]], bool]:
+            def op(conn: sqlite3.Connection, topics: set[str]) -> bool:
+                if t.record is not None:
+                    r = t.record
+                    cur = conn.execute(
+                        "UPDATE requests SET status = ?, version = ?, body = ?, updated_at = ?"
+                        " WHERE id = ? AND version = ?",
+                        (
+                            r.status,
+                            r.version,
+                            r.body,
+                            r.updated_at,
+                            t.request_id,
+                            t.expected_version,
+                        ),
+                    )
+                    if cur.rowcount != 1:
+                        return False
+                if t.consumed:
+                    conn.executemany(
+                        "DELETE FROM reports WHERE job_id = ?", [(i,) for i in t.consumed]
+                    )
+                if t.withdraw:
+                    conn.execute(
+                        "DELETE FROM jobs WHERE request_id = ? AND worker IS NULL", (t.request_id,)
+                    )
+                _enqueue(conn, t.enqueue, topics)
+                return True
+
+            return op
+
+        return list(await asyncio.gather(*(self._write(apply(t), True) for t in transitions)))
+
+    # -- queues --------------------------------------------------------------------------
+
+    async def lease(
+        self, service: str, worker: str, now: float, ttl: float, limit: int = 1
+    ) -> list[Lease]:
+        self._bell.listen("jobs:" + service)  # from now on no ring is missed
+
+        def op(conn: sqlite3.Connection, topics: set[str]) -> list[Lease]:
+            rows = conn.execute(
+                "UPDATE jobs SET worker = ?, lease_until = ?, deliveries = deliveries + 1"
+                " WHERE id IN (SELECT id FROM jobs WHERE worker IS NULL AND service = ?"
+                " AND available_at <= ? ORDER BY available_at LIMIT ?)"
+                f" RETURNING {_JOB_COLS}, deliveries",
+                (worker, now + ttl, service, now, limit),
+            ).fetchall()
+            rows.sort(key=lambda row: row[6])
+            return [Lease(_job(row[:8]), worker, now + ttl, row[8]) for row in rows]
+
+        return await self._write(op, durable=False)
+
+    async def extend(self, job_ids: Sequence[str], worker: str, until: float) -> list[str]:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> list[str]:
+            lost = []
+            for job_id in job_ids:
+                cur = conn.execute(
+                    "UPDATE jobs SET lease_until = ? WHERE id = ? AND worker = ?",
+                    (until, job_id, worker),
+                )
+                if cur.rowcount != 1:
+                    lost.append(job_id)
+            return lost
+
+        return await self._write(op, durable=False)
+
+    async def report(self, reports: Sequence[Report]) -> None:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> None:
+            conn.executemany("DELETE FROM jobs WHERE id = ?", [(r.job_id,) for r in reports])
+            conn.executemany(
+                "INSERT OR IGNORE INTO reports (job_id, request_id, task, attempt, ok, payload,"
+                " retryable, worker, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        r.job_id,
+                        r.request_id,
+                        r.task,
+                        r.attempt,
+                        int(r.ok),
+                        r.payload,
+                        int(r.retryable),
+                        r.worker,
+                        r.at,
+                    )
+                    for r in reports
+                ],
+            )
+            if reports:
+                topics.add("reports")
+
+        await self._write(op, durable=False)
+
+    async def release(self, job_ids: Sequence[str], worker: str) -> int:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> int:
+            released = 0
+            for job_id in job_ids:
+                row = conn.execute(
+                    "UPDATE jobs SET worker = NULL, lease_until = NULL,"
+                    " deliveries = deliveries - 1 WHERE id = ? AND worker = ? RETURNING service",
+                    (job_id, worker),
+                ).fetchone()
+                if row is not None:
+                    released += 1
+                    topics.add("jobs:" + row[0])
+            return released
+
+        return await self._write(op, durable=False)
+
+    async def release_worker(self, worker: str) -> int:
+        return await self._requeue("worker = ?", (worker,))
+
+    async def requeue_expired(self, now: float) -> int:
+        return await self._requeue("worker IS NOT NULL AND lease_until < ?", (now,))
+
+    async def _requeue(self, where: str, args: tuple[Any, ...]) -> int:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> int:
+            rows = conn.execute(
+                f"UPDATE jobs SET worker = NULL, lease_until = NULL WHERE {where}"
+                " RETURNING service",
+                args,
+            ).fetchall()
+            topics.update("jobs:" + row[0] for row in rows)
+            return len(rows)
+
+        return await self._write(op, durable=False)
+
+    async def reports(self, limit: int) -> list[Report]:
+        def op(conn: sqlite3.Connection) -> list[Report]:
+            rows = conn.execute(
+                "SELECT job_id, request_id, task, attempt, ok, payload, retryable, worker, at"
+                " FROM reports ORDER BY rowid LIMIT ?",
+                (limit,),
+            ).fetchall()
+            return [_report(row) for row in rows]
+
+        return await self._read(op)
+
+    async def stats(self, now: float) -> Stats:
+        def op(conn: sqlite3.Connection) -> Stats:
+            counts = dict(conn.execute("SELECT status, count(*) FROM requests GROUP BY status"))
+            queues: dict[str, QueueStats] = {}
+            for service, queued, delayed, running, oldest in conn.execute(
+                "SELECT service,"
+                " sum(worker IS NULL AND available_at <= :now),"
+                " sum(worker IS NULL AND available_at > :now),"
+                " sum(worker IS NOT NULL),"
+                " min(CASE WHEN worker IS NULL AND available_at <= :now THEN available_at END)"
+                " FROM jobs GROUP BY service",
+                {"now": now},
+            ):
+                queues[service] = QueueStats(queued, delayed, running, oldest)
+            workers = dict(
+                conn.execute(
+                    "SELECT worker, count(*) FROM jobs WHERE worker IS NOT NULL GROUP BY worker"
+                )
+            )
+            reports = conn.execute("SELECT count(*) FROM reports").fetchone()[0]
+            return Stats(counts, queues, reports, workers)
+
+        return await self._read(op)
+
+    async def wait_jobs(self, service: str, timeout: float) -> None:
+        await self._bell.wait("jobs:" + service, timeout)
+
+    async def wait_reports(self, timeout: float) -> None:
+        await self._bell.wait("reports", timeout)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._ops.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, self._writer.join)
+        self._readers.shutdown(wait=True)
+        for conn in self._reader_conns:
+            conn.close()
+        self._bell.close()
+
+
+def _enqueue(conn: sqlite3.Connection, jobs: Sequence[JobRecord], topics: set[str]) -> None:
+    if not jobs:
+        return
+    conn.executemany(
+        f"INSERT OR IGNORE INTO jobs ({_JOB_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (j.id, j.request_id, j.task, j.attempt, j.service, j.payload, j.available_at, j.timeout)
+            for j in jobs
+        ],
+    )
+    topics.update("jobs:" + j.service for j in jobs)

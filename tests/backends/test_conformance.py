@@ -1,0 +1,227 @@
+"""Every backend keeps the same promises. Runs on each backend in conftest.BACKENDS."""
+
+from __future__ import annotations
+
+import asyncio
+import pkgutil
+import time
+
+import bach.backends
+from bach.backends.port import Backend, JobRecord, Report, RequestRecord, Transition
+from tests.conftest import BACKENDS
+
+NOW = 1_000_000.0
+
+
+def record(
+    rid: str,
+    key: str | None = None,
+    status: str = "PENDING",
+    version: int = 0,
+    created: float = NOW,
+) -> RequestRecord:
+    return RequestRecord(
+        rid, key or rid, status, version, "plan1", f'{{"v": {version}}}', created, created
+    )
+
+
+def job(rid: str, task: str, service: str = "A", attempt: int = 1, at: float = NOW) -> JobRecord:
+    return JobRecord(f"{rid}/{task}/{attempt}", rid, task, attempt, service, '{"x": 1}', at, 30.0)
+
+
+def report(j: JobRecord, ok: bool = True, payload: str = "7") -> Report:
+    return Report(j.id, j.request_id, j.task, j.attempt, ok, payload, "w1", NOW)
+
+
+async def test_every_backend_module_is_in_the_conformance_suite() -> None:
+    modules = {m.name for m in pkgutil.iter_modules(bach.backends.__path__)}
+    implementations = modules - {"port"} - {m for m in modules if m.startswith("_")}
+    assert implementations <= set(BACKENDS) | {"redis"}
+    assert set(BACKENDS) <= implementations
+
+
+async def test_create_then_load_by_id_and_by_key(backend: Backend) -> None:
+    stored, created = await backend.create(record("r1", "order-7"), "plan1", "{}", [])
+    assert created and stored.id == "r1"
+    assert await backend.load("r1") == stored
+    assert await backend.load("order-7") == stored
+    assert await backend.load("nope") is None
+    assert await backend.plan("plan1") == "{}"
+
+
+async def test_same_key_twice_returns_the_first_request(backend: Backend) -> None:
+    first, _ = await backend.create(record("r1", "k"), "plan1", "{}", [job("r1", "a")])
+    again, created = await backend.create(record("r2", "k"), "plan1", "{}", [job("r2", "a")])
+    assert not created and again == first
+    assert await backend.load("r2") is None
+    leases = await backend.lease("A", "w1", NOW, 30, limit=10)
+    assert [lease.job.request_id for lease in leases] == ["r1"]
+
+
+async def test_lease_hands_out_each_job_once_oldest_first(backend: Backend) -> None:
+    jobs = [
+        job("r1", "a", at=NOW - 2),
+        job("r1", "b", at=NOW - 3),
+        job("r1", "c", at=NOW + 60),
+        job("r1", "d", service="B"),
+    ]
+    await backend.create(record("r1"), "plan1", "{}", jobs)
+    first = await backend.lease("A", "w1", NOW, 30)
+    second = await backend.lease("A", "w2", NOW, 30, limit=5)
+    assert [lease.job.task for lease in first] == ["b"]
+    assert [lease.job.task for lease in second] == ["a"]  # c is not due yet, d is B's
+    assert first[0].deliveries == 1 and first[0].until == NOW + 30
+    assert first[0].job == jobs[1]
+    assert await backend.lease("A", "w3", NOW, 30) == []
+    assert [lease.job.task for lease in await backend.lease("A", "w3", NOW + 61, 30)] == ["c"]
+
+
+async def test_expired_lease_goes_back_to_its_queue(backend: Backend) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [job("r1", "a")])
+    [lease] = await backend.lease("A", "w1", NOW, 10)
+    assert await backend.requeue_expired(NOW + 5) == 0
+    assert await backend.lease("A", "w2", NOW + 5, 10) == []
+    assert await backend.requeue_expired(NOW + 11) == 1
+    [again] = await backend.lease("A", "w2", NOW + 11, 10)
+    assert again.job == lease.job and again.deliveries == 2 and again.worker == "w2"
+    assert await backend.extend([again.job.id], "w1", NOW + 100) == [again.job.id]
+    assert await backend.extend([again.job.id], "w2", NOW + 100) == []
+    assert await backend.requeue_expired(NOW + 50) == 0  # extended
+
+
+async def test_release_gives_a_job_back_without_counting_it(backend: Backend) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [job("r1", "a")])
+    [lease] = await backend.lease("A", "w1", NOW, 10)
+    assert await backend.release([lease.job.id], "w2") == 0  # not w2's to give
+    assert await backend.release([lease.job.id], "w1") == 1
+    [again] = await backend.lease("A", "w2", NOW, 10)
+    assert again.deliveries == 1
+
+
+async def test_release_worker_requeues_all_it_held(backend: Backend) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [job("r1", "a"), job("r1", "b")])
+    await backend.lease("A", "dead", NOW, 600, limit=2)
+    assert (await backend.stats(NOW)).workers == {"dead": 2}
+    assert await backend.release_worker("dead") == 2
+    assert len(await backend.lease("A", "w2", NOW, 10, limit=5)) == 2
+
+
+async def test_report_acks_the_job_and_feeds_the_completion_channel(backend: Backend) -> None:
+    j = job("r1", "a")
+    await backend.create(record("r1"), "plan1", "{}", [j])
+    await backend.lease("A", "w1", NOW, 10)
+    await backend.report([report(j)])
+    await backend.report([report(j)])  # a duplicate collapses into the first
+    assert await backend.requeue_expired(NOW + 100) == 0  # acked: never redelivered
+    assert await backend.lease("A", "w2", NOW + 100, 10) == []
+    assert await backend.reports(10) == [report(j)]
+
+
+async def test_commit_applies_state_jobs_and_consumed_reports_atomically(backend: Backend) -> None:
+    a = job("r1", "a")
+    await backend.create(record("r1"), "plan1", "{}", [a])
+    await backend.lease("A", "w1", NOW, 10)
+    await backend.report([report(a)])
+    b = job("r1", "b", service="B")
+    step = Transition("r1", 0, record("r1", status="RUNNING", version=1), (b,), (a.id,))
+    assert await backend.commit([step]) == [True]
+    loaded = await backend.load("r1")
+    assert loaded is not None and loaded.version == 1 and loaded.status == "RUNNING"
+    assert await backend.reports(10) == []
+    assert [lease.job for lease in await backend.lease("B", "w1", NOW, 10)] == [b]
+
+
+async def test_commit_at_a_stale_version_changes_nothing(backend: Backend) -> None:
+    a = job("r1", "a")
+    await backend.create(record("r1"), "plan1", "{}", [a])
+    await backend.report([report(a)])
+    first = Transition("r1", 0, record("r1", status="RUNNING", version=1), (), (a.id,))
+    stale = Transition(
+        "r1", 0, record("r1", status="FAILED", version=1), (job("r1", "x", service="X"),), (a.id,)
+    )
+    assert await backend.commit([first]) == [True]
+    await backend.report([report(a)])  # the same report again, from a slow duplicate
+    assert await backend.commit([stale]) == [False]
+    loaded = await backend.load("r1")
+    assert loaded is not None and loaded.status == "RUNNING"
+    assert await backend.lease("X", "w1", NOW, 10) == []
+    assert len(await backend.reports(10)) == 1  # not consumed by the failed commit
+
+
+async def test_commits_in_one_call_are_independent(backend: Backend) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [])
+    await backend.create(record("r2"), "plan1", "{}", [])
+    results = await backend.commit(
+        [
+            Transition("r1", 5, record("r1", version=6)),
+            Transition("r2", 0, record("r2", status="COMPLETE", version=1)),
+        ]
+    )
+    assert results == [False, True]
+    r2 = await backend.load("r2")
+    assert r2 is not None and r2.status == "COMPLETE"
+
+
+async def test_withdraw_removes_queued_jobs_but_not_leased_ones(backend: Backend) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [job("r1", "a"), job("r1", "b")])
+    [held] = await backend.lease("A", "w1", NOW, 10)
+    await backend.commit(
+        [Transition("r1", 0, record("r1", status="CANCELLED", version=1), withdraw=True)]
+    )
+    assert await backend.lease("A", "w2", NOW, 10) == []
+    assert await backend.extend([held.job.id], "w1", NOW + 20) == []
+
+
+async def test_list_newest_first_by_status(backend: Backend) -> None:
+    for i in range(5):
+        status = "COMPLETE" if i % 2 else "PENDING"
+        await backend.create(record(f"r{i}", status=status, created=NOW + i), "plan1", "{}", [])
+    assert [r.id for r in await backend.list_requests()] == ["r4", "r3", "r2", "r1", "r0"]
+    assert [r.id for r in await backend.list_requests("COMPLETE")] == ["r3", "r1"]
+    assert [r.id for r in await backend.list_requests(limit=2)] == ["r4", "r3"]
+    assert [r.id for r in await backend.list_requests(before=NOW + 2)] == ["r1", "r0"]
+    assert set(await backend.load_many(["r1", "r3", "zz"])) == {"r1", "r3"}
+
+
+async def test_stats_count_requests_and_queues(backend: Backend) -> None:
+    jobs = [
+        job("r1", "a", at=NOW - 5),
+        job("r1", "b"),
+        job("r1", "c", at=NOW + 9),
+        job("r1", "d", service="B"),
+    ]
+    await backend.create(record("r1", status="RUNNING"), "plan1", "{}", jobs)
+    await backend.create(record("r2", status="COMPLETE"), "plan1", "{}", [])
+    await backend.lease("B", "w1", NOW, 10)
+    stats = await backend.stats(NOW)
+    assert stats.requests == {"RUNNING": 1, "COMPLETE": 1}
+    assert stats.queues["A"].queued == 2 and stats.queues["A"].delayed == 1
+    assert stats.queues["A"].oldest_queued_at == NOW - 5
+    assert stats.queues["B"].running == 1 and stats.queues["B"].queued == 0
+    assert stats.workers == {"w1": 1}
+
+
+async def test_waiting_for_jobs_wakes_on_enqueue(backend: Backend) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [])
+    assert await backend.lease("A", "w1", NOW, 10) == []  # starts listening
+    started = time.monotonic()
+    waiter = asyncio.create_task(backend.wait_jobs("A", 5.0))
+    await asyncio.sleep(0.05)
+    await backend.commit([Transition("r1", 0, None, (job("r1", "a"),))])
+    await asyncio.wait_for(waiter, 2.0)
+    assert time.monotonic() - started < 2.0
+
+
+async def test_waiting_for_reports_wakes_on_report(backend: Backend) -> None:
+    j = job("r1", "a")
+    await backend.create(record("r1"), "plan1", "{}", [j])
+    waiter = asyncio.create_task(backend.wait_reports(5.0))
+    await asyncio.sleep(0.05)
+    await backend.report([report(j)])
+    await asyncio.wait_for(waiter, 2.0)
+
+
+async def test_waiting_times_out_when_nothing_comes(backend: Backend) -> None:
+    started = time.monotonic()
+    await backend.wait_jobs("A", 0.1)
+    assert 0.05 < time.monotonic() - started < 2.0

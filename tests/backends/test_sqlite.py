@@ -1,0 +1,106 @@
+"""What only the SQLite backend promises: several processes on one file, durability."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bach.backends import open_backend, sqlite_path
+from bach.backends.port import JobRecord, RequestRecord
+from bach.backends.sqlite import SqliteBackend
+from bach.errors import StoreError
+
+NOW = 1_000_000.0
+
+LEASER = """
+import asyncio, json, sys
+from bach.backends import open_backend
+
+async def main(url, worker):
+    store = open_backend(url)
+    taken = []
+    while True:
+        leases = await store.lease("A", worker, 2_000_000.0, 60, limit=3)
+        if not leases:
+            break
+        taken += [lease.job.id for lease in leases]
+    await store.close()
+    print(json.dumps(taken))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_processes_sharing_one_file_never_lease_the_same_job(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/shared.db"
+    store = open_backend(url)
+    jobs = [JobRecord(f"r/t{i}/1", "r", f"t{i}", 1, "A", "null", NOW + i, 30) for i in range(600)]
+    await store.create(RequestRecord("r", "r", "PENDING", 0, "p", "{}", NOW, NOW), "p", "{}", jobs)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", LEASER, url, f"w{i}"], stdout=subprocess.PIPE)
+        for i in range(3)
+    ]
+    taken: list[str] = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assert proc.returncode == 0
+            taken += json.loads(out)
+    finally:
+        for proc in procs:
+            proc.kill()
+        await store.close()
+    assert sorted(taken) == sorted(j.id for j in jobs)
+    assert len(set(taken)) == len(taken)
+
+
+async def test_everything_committed_is_there_after_reopening(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/bach.db"
+    store = open_backend(url)
+    rec = RequestRecord("r1", "k1", "PENDING", 0, "p", '{"a": 1}', NOW, NOW)
+    job = JobRecord("r1/a/1", "r1", "a", 1, "A", "5", NOW, 30)
+    await store.create(rec, "p", '{"plan": 1}', [job])
+    await store.close()
+    again = open_backend(url)
+    try:
+        assert await again.load("k1") == rec
+        assert await again.plan("p") == '{"plan": 1}'
+        [lease] = await again.lease("A", "w", NOW, 10)
+        assert lease.job == job
+    finally:
+        await again.close()
+
+
+def test_url_forms_and_options(tmp_path: Path) -> None:
+    assert sqlite_path("sqlite:///.bach/bach.db") == Path(".bach/bach.db")
+    assert sqlite_path("sqlite:////var/lib/bach.db") == Path("/var/lib/bach.db")
+    with pytest.raises(StoreError, match="synchronous='fast'"):
+        SqliteBackend(f"sqlite:///{tmp_path}/x.db?synchronous=fast")
+    with pytest.raises(StoreError, match="names no file"):
+        sqlite_path("sqlite://")
+
+
+def test_unknown_scheme_is_a_clear_error() -> None:
+    with pytest.raises(StoreError, match="unknown store scheme 'postgres'"):
+        open_backend("postgres://localhost/bach")
+
+
+async def test_default_is_durable_and_normal_is_an_option(tmp_path: Path) -> None:
+    durable = SqliteBackend(f"sqlite:///{tmp_path}/a.db")
+    fast = SqliteBackend(f"sqlite:///{tmp_path}/b.db?synchronous=normal")
+    try:
+        assert durable.synchronous == "FULL" and fast.synchronous == "NORMAL"
+    finally:
+        await durable.close()
+        await fast.close()
+
+
+def test_a_store_that_cannot_be_created_names_the_file(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="cannot open"):
+        SqliteBackend(f"sqlite:///{blocker}/sub/bach.db")
