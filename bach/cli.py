@@ -1,7 +1,349 @@
-"""The `bach` command."""
+"""The ``bach`` command: run a system (serve, worker) and talk to one (submit, get, ...).
+
+Every option can also come from a ``BACH_*`` environment variable, shown in ``--help``.
+Errors are one line on stderr and exit status 2.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
 
+import click
+
+from bach.client import Client, ClientError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"bach: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _errors_to_exit(func: Callable[P, R]) -> Callable[P, R]:
+    """Known errors become one line and exit status 2."""
+    from bach.errors import BachError
+
+    @wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return func(*args, **kwargs)
+        except (BachError, ClientError) as exc:
+            _fail(str(exc))
+            raise AssertionError("unreachable") from None
+
+    return wrapper
+
+
+def _option(*names: str, env: str, **kwargs: Any) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    return click.option(*names, envvar=env, show_envvar=True, **kwargs)
+
+
+score_option = _option(
+    "--score",
+    "scores",
+    env="BACH_SCORE",
+    multiple=True,
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="score file (YAML or JSON); repeat for several",
+)
+store_option = _option(
+    "--store",
+    env="BACH_STORE",
+    default=None,
+    help="store URL: sqlite:///path (default sqlite:///.bach/bach.db), "
+    "memory://, redis://host:port/db",
+)
+server_option = _option(
+    "--server",
+    env="BACH_SERVER",
+    default="http://127.0.0.1:8080",
+    show_default=True,
+    help="URL of a running `bach serve`",
+)
+token_option = _option(
+    "--token", env="BACH_TOKEN", default=None, help="bearer token the API requires"
+)
+json_option = click.option("--json", "as_json", is_flag=True, help="print the raw JSON")
+
+
+@click.group()
+@click.version_option(package_name="bach")
 def main() -> None:
-    raise SystemExit("not yet")
+    """Bach: drive requests through pipelines of independent services."""
+
+
+def _load(scores: tuple[str, ...]) -> Any:
+    from bach.core.score import load_scores
+    from bach.errors import ScoreError
+
+    try:
+        return load_scores(scores)
+    except ScoreError as exc:
+        for issue in exc.issues:
+            click.echo(f"bach: invalid score: {issue}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@score_option
+@store_option
+@_option("--host", env="BACH_HOST", default="127.0.0.1", show_default=True)
+@_option(
+    "--port",
+    env="BACH_PORT",
+    default=8080,
+    show_default=True,
+    type=int,
+    help="0 picks a free port (printed at start)",
+)
+@token_option
+@_option(
+    "--no-workers",
+    "no_workers",
+    env="BACH_NO_WORKERS",
+    is_flag=True,
+    help="run the engine and API only; workers run elsewhere",
+)
+@_option(
+    "--grace",
+    env="BACH_GRACE",
+    default=10.0,
+    show_default=True,
+    type=float,
+    help="seconds workers get to finish their jobs when stopping",
+)
+@_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
+@_errors_to_exit
+def serve(
+    scores: tuple[str, ...],
+    store: str | None,
+    host: str,
+    port: int,
+    token: str | None,
+    no_workers: bool,
+    grace: float,
+    log_level: str,
+) -> None:
+    """Start the system: engine, HTTP API and one worker process per service."""
+    from bach.runtime.server import ServeOptions, check_score, serve, setup_logging
+
+    setup_logging(log_level)
+    score = _load(scores)
+    check_score(score)
+    options = ServeOptions(
+        store=store, host=host, port=port, token=token, workers=not no_workers, grace=grace
+    )
+    asyncio.run(serve(score, options))
+
+
+@main.command()
+@score_option
+@_option("--service", env="BACH_SERVICE", required=True, help="the service to serve")
+@store_option
+@_option(
+    "--concurrency",
+    env="BACH_CONCURRENCY",
+    default=1,
+    show_default=True,
+    type=int,
+    help="jobs run at once",
+)
+@_option("--grace", env="BACH_GRACE", default=10.0, show_default=True, type=float)
+@click.option("--parent-pid", type=int, default=None, hidden=True)
+@_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
+@_errors_to_exit
+def worker(
+    scores: tuple[str, ...],
+    service: str,
+    store: str | None,
+    concurrency: int,
+    grace: float,
+    parent_pid: int | None,
+    log_level: str,
+) -> None:
+    """Serve one service: take its jobs from the store, run them, report back."""
+    from bach.runtime.server import run_worker, setup_logging
+
+    setup_logging(log_level)
+    score = _load(scores)
+    status = asyncio.run(
+        run_worker(
+            score, service, store, parent_pid=parent_pid, concurrency=concurrency, grace=grace
+        )
+    )
+    sys.stdout.flush()
+    # A handler thread that overran its timeout cannot be joined; do not wait for it.
+    os._exit(status)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+def validate(files: tuple[str, ...]) -> None:
+    """Check score files; print every problem with its file, rubric, task and field."""
+    score = _load(files)
+    click.echo(
+        f"ok: {len(score.services)} services, {len(score.rubrics)} rubrics, "
+        f"{len(score.clients)} clients"
+    )
+
+
+def _parse_input(text: str | None) -> Any:
+    if text is None:
+        return None
+    if text == "-":
+        text = sys.stdin.read()
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # a bare word is a string
+
+
+def _short(value: Any, width: int = 60) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _show(request: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(request, indent=2))
+        return
+    click.echo(f"request {request['id']} (key {request['key']}): {request['status']}")
+    if request["status"] == "COMPLETE":
+        click.echo(f"result: {json.dumps(request['result'])}")
+    if request.get("error"):
+        click.echo(f"error: {request['error']['message']}")
+    for name, job in request["jobs"].items():
+        line = (
+            f"  {name:<12} {job['status']:<9} input={json.dumps(job['input'])}"
+            f" result={json.dumps(job['result'])} attempts={job['attempts']}"
+        )
+        if job.get("error") and job["status"] != "COMPLETE":
+            line += f" error={job['error']}"
+        click.echo(line)
+
+
+@main.command()
+@click.option("--todo", help="services to run in order, comma-separated (A,B)")
+@click.option("--rubric", help="a rubric of the score")
+@click.option("--client", "client_id", help="a client whose setup names the rubric")
+@click.option(
+    "--input", "input_text", help="the input, as JSON (a bare word is a string; - reads stdin)"
+)
+@click.option("--key", help="tracking key; the same key twice gives the same request")
+@click.option("--wait", is_flag=True, help="wait for the request to end and print it")
+@click.option("--timeout", default=300.0, show_default=True, help="longest --wait, seconds")
+@server_option
+@token_option
+@json_option
+@_errors_to_exit
+def submit(
+    todo: str | None,
+    rubric: str | None,
+    client_id: str | None,
+    input_text: str | None,
+    key: str | None,
+    wait: bool,
+    timeout: float,
+    server: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Send a request to a running system."""
+    todo_list = [s.strip() for s in todo.split(",") if s.strip()] if todo is not None else None
+    with Client(server, token) as client:
+        request = client.submit(
+            _parse_input(input_text),
+            rubric=rubric,
+            client=client_id,
+            todo=todo_list,
+            key=key,
+            wait=timeout if wait else 0,
+        )
+    _show(request, as_json)
+    if wait and request["status"] != "COMPLETE":
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--wait", is_flag=True, help="wait for the request to end")
+@click.option("--timeout", default=300.0, show_default=True)
+@server_option
+@token_option
+@json_option
+@_errors_to_exit
+def get(
+    ref: str, wait: bool, timeout: float, server: str, token: str | None, as_json: bool
+) -> None:
+    """Show a request (by id or tracking key) with the trace of every job."""
+    with Client(server, token) as client:
+        request = client.wait(ref, timeout) if wait else client.get(ref)
+    _show(request, as_json)
+
+
+@main.command(name="list")
+@click.option(
+    "--status", type=click.Choice(["PENDING", "RUNNING", "COMPLETE", "FAILED", "CANCELLED"])
+)
+@click.option("--limit", default=20, show_default=True)
+@server_option
+@token_option
+@json_option
+@_errors_to_exit
+def list_(status: str | None, limit: int, server: str, token: str | None, as_json: bool) -> None:
+    """List requests, newest first."""
+    with Client(server, token) as client:
+        requests = client.list(status, limit)
+    if as_json:
+        click.echo(json.dumps(requests, indent=2))
+        return
+    for r in requests:
+        click.echo(
+            f"{r['id']}  {r['status']:<9} {r['rubric']:<24} key={r['key']}"
+            f" result={json.dumps(r['result'])}"
+        )
+
+
+@main.command()
+@click.argument("ref")
+@server_option
+@token_option
+@json_option
+@_errors_to_exit
+def cancel(ref: str, server: str, token: str | None, as_json: bool) -> None:
+    """Cancel a request that has not ended."""
+    with Client(server, token) as client:
+        _show(client.cancel(ref), as_json)
+
+
+@main.command()
+@server_option
+@token_option
+@json_option
+@_errors_to_exit
+def status(server: str, token: str | None, as_json: bool) -> None:
+    """Show the system's figures: active requests, tasks and each service's queue."""
+    with Client(server, token) as client:
+        figures = client.stats()
+    if as_json:
+        click.echo(json.dumps(figures, indent=2))
+        return
+    click.echo(
+        f"active requests: {figures['active_requests']}   "
+        f"active tasks: {figures['active_tasks']}   "
+        f"queued tasks: {figures['queued_tasks']}"
+    )
+    for name, s in figures["services"].items():
+        click.echo(
+            f"  {name:<16} queued={s.get('queued', 0)} running={s.get('running', 0)}"
+            f" instances={s.get('instances', '-')}"
+        )

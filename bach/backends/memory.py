@@ -147,6 +147,13 @@ class MemoryBackend:
                 slot.until = until
         return lost
 
+    async def leased(self, request_id: str) -> dict[str, str]:
+        return {
+            s.job.task: s.worker
+            for s in self._jobs.values()
+            if s.job.request_id == request_id and s.worker is not None
+        }
+
     async def report(self, reports: Sequence[Report]) -> None:
         for report in reports:
             self._jobs.pop(report.job_id, None)

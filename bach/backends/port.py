@@ -142,6 +142,10 @@ class Backend(Protocol):
         """Push out leases this worker still holds; returns the ids it no longer holds."""
         ...
 
+    async def leased(self, request_id: str) -> dict[str, str]:
+        """The tasks of a request that workers hold right now, with the worker of each."""
+        ...
+
     async def report(self, reports: Sequence[Report]) -> None:
         """Ack the jobs and put their outcomes on the completion channel, atomically."""
         ...

@@ -363,6 +363,17 @@ class SqliteBackend:
 
         return await self._write(op, durable=False)
 
+    async def leased(self, request_id: str) -> dict[str, str]:
+        def op(conn: sqlite3.Connection) -> dict[str, str]:
+            return dict(
+                conn.execute(
+                    "SELECT task, worker FROM jobs WHERE request_id = ? AND worker IS NOT NULL",
+                    (request_id,),
+                )
+            )
+
+        return await self._read(op)
+
     async def report(self, reports: Sequence[Report]) -> None:
         def op(conn: sqlite3.Connection, topics: set[str]) -> None:
             conn.executemany("DELETE FROM jobs WHERE id = ?", [(r.job_id,) for r in reports])

@@ -89,6 +89,13 @@ async def test_expired_lease_goes_back_to_its_queue(backend: Backend) -> None:
     assert await backend.requeue_expired(NOW + 50) == 0  # extended
 
 
+async def test_leased_names_the_tasks_workers_hold(backend: Backend) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [job("r1", "a"), job("r1", "b")])
+    assert await backend.leased("r1") == {}
+    await backend.lease("A", "w1", NOW, 10)
+    assert await backend.leased("r1") == {"a": "w1"}
+
+
 async def test_release_gives_a_job_back_without_counting_it(backend: Backend) -> None:
     await backend.create(record("r1"), "plan1", "{}", [job("r1", "a")])
     [lease] = await backend.lease("A", "w1", NOW, 10)

@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from bach.cli import main
+
+main()

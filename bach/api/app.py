@@ -1,0 +1,216 @@
+"""The HTTP API: requests in, their state out, and the system's figures.
+
+Every error is JSON ``{"error": {"type", "field", "reason"}}`` with a 4xx status; a
+stack trace never reaches a client.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bach import __version__
+from bach.api.schemas import ErrorView, RequestList, RequestView, SubmitBody
+from bach.core.machine import Request as BachRequest
+from bach.errors import BachError, Conflict
+from bach.runtime.engine import Engine, Submission
+
+log = logging.getLogger("bach.api")
+
+#: Longest a client may ask to wait for a request to end, in seconds.
+MAX_WAIT = 300.0
+
+StatsExtra = Callable[[], Awaitable[dict[str, Any]]]
+
+
+class Unauthorized(BachError):
+    status = 401
+
+
+def _error(status: int, type_: str, field: str, reason: str) -> JSONResponse:
+    return JSONResponse({"error": {"type": type_, "field": field, "reason": reason}}, status)
+
+
+async def _bach_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BachError)
+    return _error(exc.status, type(exc).__name__, exc.field, exc.reason)
+
+
+async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid"}
+    if first.get("type") == "json_invalid":
+        detail = str(first.get("ctx", {}).get("error", ""))
+        return _error(400, "InvalidJSON", "body", f"not valid JSON: {detail}".strip(": "))
+    loc = [str(p) for p in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path"):
+        loc = loc[1:]
+    reason = str(first.get("msg", "invalid"))
+    if first.get("type") == "extra_forbidden":
+        reason = "unknown field"
+    elif first.get("type") == "model_attributes_type":
+        reason = "the body must be a JSON object"
+    return _error(422, "InvalidInput", ".".join(loc) or "body", reason)
+
+
+async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    return _error(exc.status_code, "HTTPError", "path", str(exc.detail))
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    log.exception("unexpected error", exc_info=exc)
+    return _error(500, "InternalError", "", f"{type(exc).__name__}: {exc}")
+
+
+def _engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+async def _authorize(request: Request) -> None:
+    token: str | None = request.app.state.token
+    if token is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not secrets.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        raise Unauthorized("authorization", "a valid bearer token is required")
+
+
+EngineDep = Annotated[Engine, Depends(_engine)]
+Wait = Annotated[float, Query(ge=0, le=MAX_WAIT, description="seconds to wait for the end")]
+StatusFilter = Annotated[str | None, Query(pattern="^(PENDING|RUNNING|COMPLETE|FAILED|CANCELLED)$")]
+router = APIRouter(prefix="/api", dependencies=[Depends(_authorize)])
+
+
+async def _view(engine: Engine, request: BachRequest) -> RequestView:
+    leased = {} if request.terminal else await engine.backend.leased(request.id)
+    return RequestView.of(request, leased)
+
+
+@router.post("/requests", status_code=201, response_model=RequestView)
+async def submit(
+    body: SubmitBody, response: Response, engine: EngineDep, wait: Wait = 0
+) -> RequestView:
+    """Start a request (or, with a key already used, return that request)."""
+    request, created = await engine.submit(
+        Submission(
+            input=body.input, rubric=body.rubric, client=body.client, todo=body.todo, key=body.key
+        )
+    )
+    if not created:
+        response.status_code = 200
+    if wait:
+        request = await engine.wait(request.id, wait)
+    return await _view(engine, request)
+
+
+@router.get("/requests/{ref}", response_model=RequestView)
+async def get_request(ref: str, engine: EngineDep, wait: Wait = 0) -> RequestView:
+    """A request by id or tracking key, with the trace of every job."""
+    request = await (engine.wait(ref, wait) if wait else engine.get(ref))
+    return await _view(engine, request)
+
+
+@router.get("/requests", response_model=RequestList)
+async def list_requests(
+    engine: EngineDep,
+    status: StatusFilter = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> RequestList:
+    """Newest first."""
+    requests = await engine.list_requests(status, limit)
+    return RequestList(requests=[RequestView.of(r) for r in requests])
+
+
+@router.delete("/requests/{ref}", response_model=RequestView)
+async def cancel(ref: str, engine: EngineDep) -> RequestView:
+    """Cancel a request that has not ended; its queued jobs are withdrawn."""
+    request = await engine.get(ref)
+    if request.terminal:
+        raise Conflict("status", f"request {request.id} has already ended ({request.status})")
+    return await _view(engine, await engine.cancel(ref))
+
+
+@router.get("/stats")
+async def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
+    """Active requests, active tasks and each service's queue."""
+    now = engine.clock()
+    figures = await engine.backend.stats(now)
+    services: dict[str, dict[str, Any]] = {}
+    for name in engine.score.services:
+        q = figures.queues.get(name)
+        oldest = q.oldest_queued_at if q else None
+        services[name] = {
+            "queued": q.queued if q else 0,
+            "delayed": q.delayed if q else 0,
+            "running": q.running if q else 0,
+            "oldest_queued_age": None if oldest is None else round(now - oldest, 3),
+        }
+    body: dict[str, Any] = {
+        "time": now,
+        "active_requests": figures.requests.get("PENDING", 0) + figures.requests.get("RUNNING", 0),
+        "active_tasks": sum(s["running"] for s in services.values()),
+        "queued_tasks": sum(s["queued"] for s in services.values()),
+        "requests": figures.requests,
+        "reports_waiting": figures.reports,
+        "services": services,
+    }
+    extra: StatsExtra | None = request.app.state.stats_extra
+    if extra is not None:
+        more = await extra()
+        for name, figs in more.pop("services", {}).items():
+            services.setdefault(name, {}).update(figs)
+        body.update(more)
+    return body
+
+
+async def healthz(engine: EngineDep) -> JSONResponse:
+    """Whether the engine and its store answer."""
+    started = time.perf_counter()
+    try:
+        await engine.backend.stats(engine.clock())
+    except Exception as exc:
+        return JSONResponse({"ok": False, "store": f"unavailable: {exc}"}, 503)
+    elapsed = round((time.perf_counter() - started) * 1000, 2)
+    return JSONResponse(
+        {
+            "ok": True,
+            "store": engine.backend.url.split("?")[0],
+            "store_ms": elapsed,
+            "version": __version__,
+        }
+    )
+
+
+def create_app(
+    engine: Engine, *, token: str | None = None, stats_extra: StatsExtra | None = None
+) -> FastAPI:
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorView} for code in (400, 401, 404, 409, 422)
+    }
+    app = FastAPI(
+        title="Bach",
+        version=__version__,
+        description="Send requests through pipelines of services; watch every step.",
+        responses=errors,
+    )
+    app.state.engine = engine
+    app.state.token = token
+    app.state.stats_extra = stats_extra
+    app.add_exception_handler(BachError, _bach_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)
+    app.include_router(router)
+    app.add_api_route("/healthz", healthz, methods=["GET"])
+    return app

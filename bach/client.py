@@ -1,0 +1,112 @@
+"""A small HTTP client for a running Bach system (what ``bach submit`` uses)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import httpx
+
+DEFAULT_SERVER = "http://127.0.0.1:8080"
+ENDED = ("COMPLETE", "FAILED", "CANCELLED")
+
+
+class ClientError(Exception):
+    """The server refused, or could not be reached. The message is one line."""
+
+
+class Client:
+    def __init__(
+        self, server: str | None = None, token: str | None = None, timeout: float = 30.0
+    ) -> None:
+        self.server = (server or os.environ.get("BACH_SERVER") or DEFAULT_SERVER).rstrip("/")
+        token = token or os.environ.get("BACH_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.server, headers=headers, timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _call(self, method: str, path: str, wait: float = 0, **kwargs: Any) -> Any:
+        timeout = httpx.Timeout(self._http.timeout.read or 30.0) if not wait else wait + 30
+        try:
+            response = self._http.request(method, path, timeout=timeout, **kwargs)
+        except httpx.TransportError as exc:
+            raise ClientError(
+                f"cannot reach the Bach server at {self.server}: {exc} (is `bach serve` running?)"
+            ) from None
+        if response.status_code >= 400:
+            try:
+                error = response.json()["error"]
+                message = (
+                    f"{error['field']}: {error['reason']}" if error["field"] else error["reason"]
+                )
+            except (ValueError, KeyError, TypeError):
+                message = f"HTTP {response.status_code}: {response.text[:200]}"
+            raise ClientError(message)
+        return response.json()
+
+    def submit(
+        self,
+        input: Any = None,
+        *,
+        rubric: str | None = None,
+        client: str | None = None,
+        todo: Sequence[str] | None = None,
+        key: str | None = None,
+        wait: float = 0,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"input": input}
+        for name, value in (("rubric", rubric), ("client", client), ("key", key)):
+            if value is not None:
+                body[name] = value
+        if todo is not None:
+            body["todo"] = list(todo)
+        result: dict[str, Any] = self._call(
+            "POST",
+            "/api/requests",
+            json=body,
+            params={"wait": min(wait, 300)} if wait else None,
+            wait=wait,
+        )
+        if wait and result["status"] not in ENDED:
+            result = self.wait(result["id"], wait)
+        return result
+
+    def get(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/requests/{ref}")
+        return result
+
+    def wait(self, ref: str, timeout: float) -> dict[str, Any]:
+        """The request once it has ended (or as it is when the timeout runs out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, min(deadline - time.monotonic(), 300))
+            result: dict[str, Any] = self._call(
+                "GET", f"/api/requests/{ref}", params={"wait": left}, wait=left
+            )
+            if result["status"] in ENDED or left <= 0:
+                return result
+
+    def list(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        result: list[dict[str, Any]] = self._call("GET", "/api/requests", params=params)["requests"]
+        return result
+
+    def cancel(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("DELETE", f"/api/requests/{ref}")
+        return result
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", "/api/stats")
+        return result

@@ -1,0 +1,1 @@
+"""The I/O shell: the engine loop, workers, the supervisor and the server."""

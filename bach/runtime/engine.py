@@ -1,0 +1,289 @@
+"""The engine: accepts requests and applies workers' reports to them.
+
+Its completion handler is load, advance, commit: it reads a batch of reports, runs each
+through the pure state machine, and commits every request's step in one atomic unit
+with the jobs that became ready. A commit that finds the request changed underneath it
+(another engine got there first) is dropped and the reports are read again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psutil
+
+from bach.backends.port import Backend, Report, Transition
+from bach.core import machine
+from bach.core.effects import Dispatch, Effect, Withdraw
+from bach.core.machine import Request
+from bach.core.rubric import Plan, compile_todo
+from bach.core.score import Score
+from bach.errors import InvalidInput, MappingError, NotFound
+from bach.runtime.codec import Plans, to_jobs, to_record
+
+log = logging.getLogger("bach.engine")
+
+#: Reports applied in one step at most.
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a client asks for: exactly one of rubric, client or todo."""
+
+    input: Any = None
+    rubric: str | None = None
+    client: str | None = None
+    todo: Sequence[str] | None = None
+    key: str | None = None
+
+
+def event_of(report: Report) -> machine.Event:
+    if report.ok:
+        return machine.JobDone(report.task, report.attempt, json.loads(report.payload))
+    return machine.JobFailed(report.task, report.attempt, report.payload, report.retryable)
+
+
+class Engine:
+    def __init__(
+        self, backend: Backend, score: Score, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.backend = backend
+        self.score = score
+        self.clock = clock
+        self.plans = Plans(backend)
+        self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        self._stopping = asyncio.Event()
+        self.applied = 0
+
+    # -- requests ------------------------------------------------------------------------
+
+    def plan_for(self, sub: Submission) -> tuple[Plan, str | None]:
+        given = [name for name in ("rubric", "client", "todo") if getattr(sub, name) is not None]
+        if len(given) != 1:
+            raise InvalidInput(
+                "rubric",
+                "give exactly one of 'rubric', 'client' or 'todo'"
+                + (f" (got {', '.join(given)})" if given else ""),
+            )
+        if sub.todo is not None:
+            return compile_todo(list(sub.todo), self.score.services), None
+        if sub.client is not None:
+            client = self.score.clients.get(sub.client)
+            if client is None:
+                raise NotFound(
+                    "client",
+                    f"unknown client {sub.client!r}"
+                    f" (known: {', '.join(sorted(self.score.clients)) or 'none'})",
+                )
+            return replace(self.score.rubrics[client.rubric], params=client.params), client.name
+        assert sub.rubric is not None
+        found = self.score.rubrics.get(sub.rubric)
+        if found is None:
+            raise NotFound(
+                "rubric",
+                f"unknown rubric {sub.rubric!r}"
+                f" (known: {', '.join(sorted(self.score.rubrics)) or 'none'})",
+            )
+        return found, None
+
+    async def submit(self, sub: Submission) -> tuple[Request, bool]:
+        """Accept a request and dispatch its first tasks, durably, in one step. Returns the
+        request and whether it is new (False: the key was already used)."""
+        plan, client = self.plan_for(sub)
+        if sub.key is not None and not sub.key:
+            raise InvalidInput("key", "the tracking key must not be empty")
+        rid = str(uuid.uuid4())
+        now = self.clock()
+        request = Request(
+            id=rid,
+            key=sub.key or rid,
+            plan=plan,
+            input=sub.input,
+            created_at=now,
+            updated_at=now,
+            client=client,
+        )
+        request, effects = machine.advance(request, machine.Started(), now)
+        if request.status == machine.Status.FAILED:
+            assert request.error is not None
+            raise MappingError(f"input (task {request.error['task']})", request.error["message"])
+        self.plans.remember(plan)
+        dispatches = [e for e in effects if isinstance(e, Dispatch)]
+        stored, created = await self.backend.create(
+            to_record(request), plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
+        )
+        if not created:
+            return await self.plans.request(stored), False
+        return request, True
+
+    async def get(self, ref: str) -> Request:
+        record = await self.backend.load(ref)
+        if record is None:
+            raise NotFound("request", f"no request with id or key {ref!r}")
+        return await self.plans.request(record)
+
+    async def wait(self, ref: str, timeout: float) -> Request:
+        """The request once it has ended, or as it is when the timeout runs out."""
+        deadline = time.monotonic() + timeout
+        request = await self.get(ref)
+        while not request.terminal:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters[request.id].append(future)
+            # Another engine may finish it: look again now and then.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(future, min(left, 0.5))
+            request = await self.get(request.id)
+        return request
+
+    async def list_requests(self, status: str | None, limit: int) -> list[Request]:
+        records = await self.backend.list_requests(status, limit)
+        return [await self.plans.request(r) for r in records]
+
+    async def cancel(self, ref: str) -> Request:
+        for _ in range(100):
+            record = await self.backend.load(ref)
+            if record is None:
+                raise NotFound("request", f"no request with id or key {ref!r}")
+            request = await self.plans.request(record)
+            new, _ = machine.advance(request, machine.Cancelled(), self.clock())
+            if new is request:
+                return request
+            new = replace(new, version=request.version + 1)
+            step = Transition(request.id, request.version, to_record(new), withdraw=True)
+            if (await self.backend.commit([step]))[0]:
+                self._wake(new.id)
+                return new
+        raise RuntimeError(f"request {ref} kept changing while being cancelled")
+
+    # -- applying reports ----------------------------------------------------------------
+
+    async def step(self) -> int:
+        """Apply one batch of reports. Returns how many reports were read."""
+        reports = await self.backend.reports(BATCH)
+        if not reports:
+            return 0
+        grouped: dict[str, list[Report]] = defaultdict(list)
+        for report in reports:
+            grouped[report.request_id].append(report)
+        records = await self.backend.load_many(list(grouped))
+        now = self.clock()
+        steps: list[Transition] = []
+        ended: list[str] = []
+        for rid, batch in grouped.items():
+            consumed = tuple(r.job_id for r in batch)
+            record = records.get(rid)
+            if record is None:  # a report for a request that is gone: drop it
+                steps.append(Transition(rid, 0, None, consumed=consumed))
+                continue
+            request = await self.plans.request(record)
+            new, effects = request, []
+            for report in batch:
+                new, more = machine.advance(new, event_of(report), now)
+                effects += more
+            steps.append(self._transition(request, new, effects, consumed))
+            if new.terminal and not request.terminal:
+                ended.append(rid)
+        results = await self.backend.commit(steps)
+        for rid, ok in zip(grouped, results, strict=True):
+            if ok and rid in ended:
+                self._wake(rid)
+        self.applied += sum(
+            len(grouped[rid]) for rid, ok in zip(grouped, results, strict=True) if ok
+        )
+        return len(reports)
+
+    @staticmethod
+    def _transition(
+        old: Request, new: Request, effects: list[Effect], consumed: tuple[str, ...]
+    ) -> Transition:
+        if new is old:
+            return Transition(old.id, old.version, None, consumed=consumed)
+        new = replace(new, version=old.version + 1)
+        dispatches = [e for e in effects if isinstance(e, Dispatch)]
+        return Transition(
+            old.id,
+            old.version,
+            to_record(new),
+            to_jobs(dispatches),
+            consumed,
+            withdraw=any(isinstance(e, Withdraw) for e in effects),
+        )
+
+    def _wake(self, request_id: str) -> None:
+        for future in self._waiters.pop(request_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    async def run(self, poll: float = 0.5, housekeeping: float = 1.0) -> None:
+        """Apply reports as they come until stop() is called."""
+        last_sweep = 0.0
+        while not self._stopping.is_set():
+            try:
+                if time.monotonic() - last_sweep >= housekeeping:
+                    await self.sweep()
+                    last_sweep = time.monotonic()
+                if await self.step():
+                    continue
+                await self.backend.wait_reports(poll)
+            except Exception:
+                log.exception("engine step failed; retrying")
+                await asyncio.sleep(poll)
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def sweep(self) -> None:
+        """Put expired leases back, and at once those of workers on this host that died."""
+        await self.backend.requeue_expired(self.clock())
+        stats = await self.backend.stats(self.clock())
+        for worker in stats.workers:
+            if is_dead_local_worker(worker):
+                released = await self.backend.release_worker(worker)
+                log.warning("worker %s is gone; %d job(s) back on their queues", worker, released)
+
+    async def run_until_idle(self, timeout: float = 30.0) -> None:
+        """Apply reports until no request is active (for tests with in-process workers)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.step():
+                continue
+            stats = await self.backend.stats(self.clock())
+            if not stats.requests.get("PENDING") and not stats.requests.get("RUNNING"):
+                return
+            await self.backend.wait_reports(0.05)
+        raise TimeoutError("requests still active after run_until_idle timeout")
+
+
+HOST = socket.gethostname()
+
+
+def worker_id(service: str, pid: int | None = None) -> str:
+    """``host:pid:service``: from it the engine can tell when a local worker has died."""
+    return f"{HOST}:{pid or os.getpid()}:{service}"
+
+
+def is_dead_local_worker(worker: str) -> bool:
+    host, _, rest = worker.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != HOST or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True

@@ -1,0 +1,177 @@
+"""``bach serve`` and ``bach worker``: the long-running processes.
+
+``serve`` runs the engine loop, the HTTP API and the supervisor in one process; the
+workers it supervises are separate processes. SIGTERM (or Ctrl-C) stops it cleanly:
+the API stops taking requests, workers finish their jobs or give them back, the engine
+applies what was reported, and the store is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+
+import uvicorn
+
+from bach.api.app import create_app
+from bach.backends import open_backend, store_url
+from bach.core.score import Score
+from bach.errors import BachError, NotFound, StoreError
+from bach.runtime.engine import Engine
+from bach.runtime.invoke import check_service
+from bach.runtime.supervisor import Supervisor
+from bach.runtime.worker import Worker, drain
+
+log = logging.getLogger("bach")
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    store: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    token: str | None = None
+    workers: bool = True
+    grace: float = 10.0
+
+
+class _Server(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # Signals are ours: we stop the workers and the engine too, in order.
+        yield
+
+
+def check_score(score: Score) -> None:
+    """Refuse to start with a service that cannot run."""
+    problems = [
+        f"service {name!r}, field {why}"
+        for name, service in score.services.items()
+        if (why := check_service(service)) is not None
+    ]
+    if problems:
+        raise BachError("score", "; ".join(problems))
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def serve(score: Score, options: ServeOptions) -> None:
+    store = store_url(options.store)
+    backend = open_backend(store)
+    engine = Engine(backend, score)
+    in_process = store.startswith("memory:")
+    supervisor = Supervisor(score, backend, store, in_process=in_process, grace=options.grace)
+
+    async def instances() -> dict[str, object]:
+        return {
+            "services": {
+                name: {"instances": sum(i.alive for i in group)}
+                for name, group in supervisor.instances.items()
+            }
+        }
+
+    app = create_app(engine, token=options.token, stats_extra=instances)
+    config = uvicorn.Config(
+        app,
+        host=options.host,
+        port=options.port,
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+    )
+    server = _Server(config)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    await engine.sweep()  # leases left by a system that died go back first
+    if options.workers:
+        await supervisor.start()
+    tasks = [
+        asyncio.create_task(engine.run(), name="engine"),
+        asyncio.create_task(server.serve(), name="api"),
+        asyncio.create_task(supervisor.run(), name="supervisor"),
+    ]
+    while not server.started and not tasks[1].done():
+        await asyncio.sleep(0.01)
+    if tasks[1].done():
+        await _shutdown(server, supervisor, engine, tasks)
+        await backend.close()
+        raise StoreError("port", f"cannot listen on {options.host}:{options.port}")
+    host, port = server.servers[0].sockets[0].getsockname()[:2]
+    print(
+        f"bach: serving http://{host}:{port} (store {store.split('?')[0]}, "
+        f"{len(score.services)} services, {len(score.rubrics)} rubrics)",
+        flush=True,
+    )
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    log.info("stopping")
+    await _shutdown(server, supervisor, engine, tasks)
+    stopper.cancel()
+    await backend.close()
+    print("bach: stopped", flush=True)
+
+
+async def _shutdown(
+    server: _Server, supervisor: Supervisor, engine: Engine, tasks: Sequence[asyncio.Task[None]]
+) -> None:
+    server.should_exit = True
+    await supervisor.stop()
+    # Apply what the workers reported while stopping.
+    with contextlib.suppress(Exception):
+        while await engine.step():
+            pass
+    engine.stop()
+    await asyncio.wait(tasks, timeout=15)
+    for task in tasks:
+        if not task.done():
+            task.cancel()
+
+
+async def run_worker(
+    score: Score,
+    service: str,
+    store: str | None,
+    *,
+    parent_pid: int | None = None,
+    concurrency: int = 1,
+    grace: float = 10.0,
+) -> int:
+    """Serve one service until SIGTERM. Returns the process exit status."""
+    found = score.services.get(service)
+    if found is None:
+        known = ", ".join(sorted(score.services)) or "none"
+        raise NotFound("service", f"unknown service {service!r} (known: {known})")
+    url = store_url(store)
+    if url.startswith("memory:"):
+        raise StoreError(
+            "store", "a worker process needs a shared store (sqlite or redis), not memory://"
+        )
+    backend = open_backend(url)
+    worker = Worker(backend, found, concurrency=concurrency)
+    stop = asyncio.Event()
+    _stop_on_signals(stop)
+    task = asyncio.create_task(worker.run(parent_pid=parent_pid))
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
+    await drain(worker, task, grace)
+    stopper.cancel()
+    await backend.close()
+    return 3 if worker.tainted else 0
+
+
+def setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s",
+        stream=sys.stderr,
+    )
