@@ -72,7 +72,7 @@ async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
     return _error(500, "InternalError", "", f"{type(exc).__name__}: {exc}")
 
 
-def _engine(request: Request) -> Engine:
+async def _engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 

@@ -120,8 +120,15 @@ class MemoryBackend:
                 self._signal.ring("jobs:" + job.service)
 
     async def lease(
-        self, service: str, worker: str, now: float, ttl: float, limit: int = 1
+        self,
+        service: str,
+        worker: str,
+        now: float,
+        ttl: float,
+        limit: int = 1,
+        done: Sequence[Report] = (),
     ) -> list[Lease]:
+        await self.report(done)
         ready = sorted(
             (
                 s

@@ -133,9 +133,17 @@ class Backend(Protocol):
         ...
 
     async def lease(
-        self, service: str, worker: str, now: float, ttl: float, limit: int = 1
+        self,
+        service: str,
+        worker: str,
+        now: float,
+        ttl: float,
+        limit: int = 1,
+        done: Sequence[Report] = (),
     ) -> list[Lease]:
-        """Hand out up to ``limit`` available jobs of a service, oldest first."""
+        """Hand out up to ``limit`` available jobs of a service, oldest first. Reports in
+        ``done`` are reported first (as ``report`` does), in the same atomic unit: a busy
+        worker hands in results and takes new work in one round trip."""
         ...
 
     async def extend(self, job_ids: Sequence[str], worker: str, until: float) -> list[str]:

@@ -20,6 +20,7 @@ import contextlib
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -77,7 +78,7 @@ def _job(row: Sequence[Any]) -> JobRecord:
     return JobRecord(*row)
 
 
-def _report(row: Sequence[Any]) -> Report:
+def _report_row(row: Sequence[Any]) -> Report:
     job_id, request_id, task, attempt, ok, payload, retryable, worker, at = row
     return Report(job_id, request_id, task, attempt, bool(ok), payload, worker, at, bool(retryable))
 
@@ -139,6 +140,10 @@ class SqliteBackend:
 
     def _write_loop(self) -> None:
         conn = self._connect()
+        # SQLite's own busy handler sleeps 1, 2, 5, 10... ms between tries, which several
+        # processes writing small transactions turn into long stalls. The writer waits
+        # for the lock itself, in steps of tens of microseconds (see _begin).
+        conn.execute("PRAGMA busy_timeout=0")
         mode = self.synchronous
         try:
             while True:
@@ -169,7 +174,7 @@ class SqliteBackend:
         outcomes: list[tuple[bool, Any]] = []
         topics: set[str] = set()
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            _begin(conn)
             for op in batch:
                 conn.execute("SAVEPOINT op")
                 try:
@@ -191,12 +196,17 @@ class SqliteBackend:
         for op, (ok, value) in zip(batch, outcomes, strict=True):
             op.loop.call_soon_threadsafe(_settle, op.future, ok, value)
 
-    async def _write(self, fn: Callable[[sqlite3.Connection, set[str]], T], durable: bool) -> T:
+    def _submit(
+        self, fn: Callable[[sqlite3.Connection, set[str]], Any], durable: bool
+    ) -> asyncio.Future[Any]:
         if self._closed:
             raise StoreError("store", "the store is closed")
         op = _Op(fn, durable)
         self._ops.put(op)
-        result: T = await op.future
+        return op.future
+
+    async def _write(self, fn: Callable[[sqlite3.Connection, set[str]], T], durable: bool) -> T:
+        result: T = await self._submit(fn, durable)
         return result
 
     def _reader(self) -> sqlite3.Connection:
@@ -327,16 +337,25 @@ class SqliteBackend:
 
             return op
 
-        return list(await asyncio.gather(*(self._write(apply(t), True) for t in transitions)))
+        # Queued together, so that one commit (one fsync) takes them all.
+        futures = [self._submit(apply(t), True) for t in transitions]
+        return list(await asyncio.gather(*futures))
 
     # -- queues --------------------------------------------------------------------------
 
     async def lease(
-        self, service: str, worker: str, now: float, ttl: float, limit: int = 1
+        self,
+        service: str,
+        worker: str,
+        now: float,
+        ttl: float,
+        limit: int = 1,
+        done: Sequence[Report] = (),
     ) -> list[Lease]:
         self._bell.listen("jobs:" + service)  # from now on no ring is missed
 
         def op(conn: sqlite3.Connection, topics: set[str]) -> list[Lease]:
+            _report(conn, done, topics)
             rows = conn.execute(
                 "UPDATE jobs SET worker = ?, lease_until = ?, deliveries = deliveries + 1"
                 " WHERE id IN (SELECT id FROM jobs WHERE worker IS NULL AND service = ?"
@@ -375,30 +394,8 @@ class SqliteBackend:
         return await self._read(op)
 
     async def report(self, reports: Sequence[Report]) -> None:
-        def op(conn: sqlite3.Connection, topics: set[str]) -> None:
-            conn.executemany("DELETE FROM jobs WHERE id = ?", [(r.job_id,) for r in reports])
-            conn.executemany(
-                "INSERT OR IGNORE INTO reports (job_id, request_id, task, attempt, ok, payload,"
-                " retryable, worker, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        r.job_id,
-                        r.request_id,
-                        r.task,
-                        r.attempt,
-                        int(r.ok),
-                        r.payload,
-                        int(r.retryable),
-                        r.worker,
-                        r.at,
-                    )
-                    for r in reports
-                ],
-            )
-            if reports:
-                topics.add("reports")
-
-        await self._write(op, durable=False)
+        if reports:
+            await self._write(lambda conn, topics: _report(conn, reports, topics), durable=False)
 
     async def release(self, job_ids: Sequence[str], worker: str) -> int:
         def op(conn: sqlite3.Connection, topics: set[str]) -> int:
@@ -441,7 +438,7 @@ class SqliteBackend:
                 " FROM reports ORDER BY rowid LIMIT ?",
                 (limit,),
             ).fetchall()
-            return [_report(row) for row in rows]
+            return [_report_row(row) for row in rows]
 
         return await self._read(op)
 
@@ -485,6 +482,47 @@ class SqliteBackend:
         for conn in self._reader_conns:
             conn.close()
         self._bell.close()
+
+
+def _report(conn: sqlite3.Connection, reports: Sequence[Report], topics: set[str]) -> None:
+    """Ack the jobs and put their outcomes on the completion channel."""
+    if not reports:
+        return
+    conn.executemany("DELETE FROM jobs WHERE id = ?", [(r.job_id,) for r in reports])
+    conn.executemany(
+        "INSERT OR IGNORE INTO reports (job_id, request_id, task, attempt, ok, payload,"
+        " retryable, worker, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                r.job_id,
+                r.request_id,
+                r.task,
+                r.attempt,
+                int(r.ok),
+                r.payload,
+                int(r.retryable),
+                r.worker,
+                r.at,
+            )
+            for r in reports
+        ],
+    )
+    topics.add("reports")
+
+
+def _begin(conn: sqlite3.Connection, patience: float = 60.0) -> None:
+    """BEGIN IMMEDIATE, waiting for another process's write to finish."""
+    delay = 20e-6
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 1.5, 1e-3)
 
 
 def _enqueue(conn: sqlite3.Connection, jobs: Sequence[JobRecord], topics: set[str]) -> None:

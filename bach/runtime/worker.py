@@ -4,6 +4,11 @@ It holds each job under a lease that it renews while the job runs; if the worker
 the lease runs out (or the supervisor notices at once) and the job goes back on the
 queue. On stop it finishes what it holds, and gives back what it cannot finish in time
 without counting it as an attempt.
+
+Short jobs are cheap to hand out in batches: the worker keeps an estimate of how long a
+job takes and, when jobs are fast, takes several at once (never more than about
+``BATCH_TIME`` seconds of work) and hands in their results with its next request for
+work, in one round trip. A result never waits more than ``FLUSH_AFTER`` seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 
 from bach.backends.port import Backend, Lease, Report
@@ -24,6 +30,12 @@ log = logging.getLogger("bach.worker")
 
 #: A job handed out this many times without a report is failed instead of run again.
 MAX_DELIVERIES = 5
+#: Seconds of work one worker slot takes at once when jobs are short.
+BATCH_TIME = 0.01
+#: Most jobs one slot takes at once.
+MAX_PREFETCH = 16
+#: Longest a finished job's result waits to be handed in with the next lease.
+FLUSH_AFTER = 0.02
 
 
 class Worker:
@@ -47,7 +59,13 @@ class Worker:
         self.clock = clock
         self.invoke = Invoker(service)
         self.done = 0
+        #: Jobs leased and not yet reported, started or not.
         self._held: dict[str, Lease] = {}
+        self._backlog: deque[Lease] = deque()
+        self._running: set[asyncio.Task[None]] = set()
+        self._unreported: list[Report] = []
+        self._oldest_unreported = 0.0
+        self._job_time: float | None = None
         self._stopping = asyncio.Event()
         #: Set when a sync handler overran its timeout: its thread cannot be stopped, so
         #: the worker leaves after reporting and the supervisor starts a fresh one.
@@ -56,44 +74,86 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _prefetch(self) -> int:
+        if self._job_time is None:
+            return 1
+        return max(1, min(MAX_PREFETCH, int(BATCH_TIME / max(self._job_time, 1e-5))))
+
     async def run(self, parent_pid: int | None = None) -> None:
         heartbeat = asyncio.create_task(self._heartbeat(parent_pid))
-        running: set[asyncio.Task[None]] = set()
         try:
             while not self._stopping.is_set():
-                free = self.concurrency - len(running)
-                if free <= 0:
-                    await asyncio.wait(running, return_when=asyncio.FIRST_COMPLETED)
+                while self._backlog and len(self._running) < self.concurrency:
+                    self._start(self._backlog.popleft())
+                if self._backlog or len(self._running) >= self.concurrency:
+                    await self._wait_for_slot()
                     continue
-                leases = await self.backend.lease(
-                    self.service.name, self.id, self.clock(), self.lease_ttl, limit=free
-                )
-                if not leases:
+                if not await self._take_work():
                     await self._idle()
-                    continue
-                for lease in leases:
-                    self._held[lease.job.id] = lease
-                    task = asyncio.create_task(self._run_one(lease))
-                    running.add(task)
-                    task.add_done_callback(running.discard)
-                if self.concurrency == 1:
-                    await asyncio.wait(running)
         finally:
-            if running:
-                await asyncio.wait(running)
+            await self._wind_down()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
 
+    def _start(self, lease: Lease) -> None:
+        task = asyncio.create_task(self._run_one(lease))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _wait_for_slot(self) -> None:
+        await asyncio.wait(self._running, timeout=FLUSH_AFTER, return_when=asyncio.FIRST_COMPLETED)
+        if self._unreported and time.monotonic() - self._oldest_unreported >= FLUSH_AFTER:
+            await self._flush()
+
+    async def _take_work(self) -> bool:
+        """Hand in finished results and lease more jobs, in one call."""
+        limit = (self.concurrency - len(self._running)) * self._prefetch()
+        done, self._unreported = self._unreported, []
+        try:
+            leases = await self.backend.lease(
+                self.service.name, self.id, self.clock(), self.lease_ttl, limit=limit, done=done
+            )
+        except Exception as exc:
+            self._unreported = done + self._unreported
+            log.warning("worker %s: store unavailable (%s); retrying", self.id, exc)
+            await asyncio.sleep(0.5)
+            return True
+        for report in done:
+            self._held.pop(report.job_id, None)
+        for lease in leases:
+            self._held[lease.job.id] = lease
+        self._backlog.extend(leases)
+        return bool(leases)
+
     async def _idle(self) -> None:
-        stop = asyncio.create_task(self._stopping.wait())
-        jobs = asyncio.create_task(self.backend.wait_jobs(self.service.name, self.poll))
-        await asyncio.wait({stop, jobs}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        jobs.cancel()
+        if self._unreported:
+            await self._flush()
+        waits = [
+            asyncio.create_task(self._stopping.wait()),
+            asyncio.create_task(self.backend.wait_jobs(self.service.name, self.poll)),
+        ]
+        await asyncio.wait([*waits, *self._running], return_when=asyncio.FIRST_COMPLETED)
+        for task in waits:
+            task.cancel()
+
+    async def _flush(self) -> None:
+        done, self._unreported = self._unreported, []
+        delay = 0.1
+        while done:
+            try:
+                await self.backend.report(done)
+                break
+            except Exception as exc:  # a result is worth keeping: try again
+                log.warning("worker %s: could not report (%s); retrying", self.id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        for report in done:
+            self._held.pop(report.job_id, None)
 
     async def _run_one(self, lease: Lease) -> None:
         job = lease.job
+        started = time.monotonic()
         if lease.deliveries > MAX_DELIVERIES:
             outcome = Outcome(
                 False,
@@ -103,35 +163,51 @@ class Worker:
             )
         else:
             outcome = await self.invoke(job.payload, job.timeout)
-        report = Report(
-            job.id,
-            job.request_id,
-            job.task,
-            job.attempt,
-            outcome.ok,
-            outcome.payload,
-            self.id,
-            self.clock(),
-            outcome.retryable,
+        elapsed = time.monotonic() - started
+        self._job_time = (
+            elapsed if self._job_time is None else (0.8 * self._job_time + 0.2 * elapsed)
         )
-        await self._report(report)
-        self._held.pop(job.id, None)
+        if not self._unreported:
+            self._oldest_unreported = time.monotonic()
+        self._unreported.append(
+            Report(
+                job.id,
+                job.request_id,
+                job.task,
+                job.attempt,
+                outcome.ok,
+                outcome.payload,
+                self.id,
+                self.clock(),
+                outcome.retryable,
+            )
+        )
         self.done += 1
         if outcome.timed_out and self.service.spec.handler is not None:
             self.tainted = True
             self.stop()
 
-    async def _report(self, report: Report) -> None:
-        # A result is worth keeping: if the store is briefly unavailable, try again.
-        delay = 0.1
-        while True:
+    async def _wind_down(self) -> None:
+        """On stop: give back jobs not started, let running ones finish (unless the stop
+        was forced), report what finished and give back what did not."""
+        if self._backlog:
+            await self.backend.release([lease.job.id for lease in self._backlog], self.id)
+            for lease in self._backlog:
+                self._held.pop(lease.job.id, None)
+            self._backlog.clear()
+        if self._running:
             try:
-                await self.backend.report([report])
-                return
-            except Exception as exc:
-                log.warning("could not report %s (%s); retrying", report.job_id, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await asyncio.wait(self._running)
+            except asyncio.CancelledError:  # forced: the grace period is over
+                for task in self._running:
+                    task.cancel()
+        await self._flush()
+        if self._held:
+            released = await self.backend.release(list(self._held), self.id)
+            log.warning(
+                "worker %s stopped with %d job(s) unfinished; given back", self.id, released
+            )
+            self._held.clear()
 
     async def _heartbeat(self, parent_pid: int | None) -> None:
         interval = min(self.lease_ttl / 3, 1.0)
@@ -146,20 +222,12 @@ class Worker:
                         list(self._held), self.id, self.clock() + self.lease_ttl
                     )
 
-    async def release_held(self) -> int:
-        """Give back every job still held (shutdown timed out)."""
-        if not self._held:
-            return 0
-        return await self.backend.release(list(self._held), self.id)
-
 
 async def drain(worker: Worker, task: asyncio.Task[None], grace: float) -> None:
     """Stop a worker: let it finish within ``grace`` seconds, then give its jobs back."""
     worker.stop()
     done, _ = await asyncio.wait({task}, timeout=grace)
     if not done:
-        released = await worker.release_held()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
-        log.warning("worker %s stopped after %gs; %d job(s) given back", worker.id, grace, released)
