@@ -81,12 +81,17 @@ def main() -> None:
     """Bach: drive requests through pipelines of independent services."""
 
 
-def _load(scores: tuple[str, ...]) -> Any:
+def _load(scores: tuple[str, ...], check: bool = False) -> Any:
+    """Load score files; with ``check``, also make sure every service can run here."""
     from bach.core.score import load_scores
     from bach.errors import ScoreError
+    from bach.runtime.server import check_score
 
     try:
-        return load_scores(scores)
+        score = load_scores(scores)
+        if check:
+            check_score(score)
+        return score
     except ScoreError as exc:
         for issue in exc.issues:
             click.echo(f"bach: invalid score: {issue}", err=True)
@@ -134,11 +139,10 @@ def serve(
     log_level: str,
 ) -> None:
     """Start the system: engine, HTTP API and one worker process per service."""
-    from bach.runtime.server import ServeOptions, check_score, serve, setup_logging
+    from bach.runtime.server import ServeOptions, serve, setup_logging
 
     setup_logging(log_level)
-    score = _load(scores)
-    check_score(score)
+    score = _load(scores, check=True)
     options = ServeOptions(
         store=store, host=host, port=port, token=token, workers=not no_workers, grace=grace
     )

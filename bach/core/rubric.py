@@ -20,7 +20,7 @@ from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 from bach.core.mapping import Template
-from bach.errors import NotFound
+from bach.errors import InvalidInput, NotFound
 
 if TYPE_CHECKING:
     from bach.core.score import Policy, RubricSpec, Service
@@ -211,7 +211,7 @@ def compile_todo(todo: Sequence[str], services: Mapping[str, Service]) -> Plan:
     """Compile an ad-hoc ordered list of services to a chain: each task gets the previous
     task's result (the first gets the request input)."""
     if not todo:
-        raise NotFound("todo", "the todo list is empty; name at least one service")
+        raise InvalidInput("todo", "the todo list is empty; name at least one service")
     unknown = [s for s in todo if s not in services]
     if unknown:
         known = ", ".join(sorted(services)) or "none"

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bach.core.score import Service
+from bach.errors import BachError, ScoreIssue
 from bach.plugins import load_object
 
 #: Characters of a program's stderr kept in an error message.
@@ -110,21 +111,24 @@ class Invoker:
         return Outcome(True, json.dumps(result, separators=(",", ":")))
 
 
-def check_service(service: Service) -> str | None:
+def check_service(service: Service) -> ScoreIssue | None:
     """Why this service cannot run here (handler not importable, program not found), or
     None. Checked at start so a broken score is refused, not retried forever."""
     spec = service.spec
+
+    def issue(field: str, reason: str) -> ScoreIssue:
+        return ScoreIssue(service.file, reason, field=field, service=service.name)
+
     if spec.handler is not None:
         try:
             func = load_object(spec.handler, service.base_dir)
-        except Exception as exc:
-            return f"handler: {exc}"
-        return None if callable(func) else f"handler: {spec.handler!r} is not callable"
+        except BachError as exc:
+            return issue("handler", exc.reason)
+        except Exception as exc:  # the module itself failed while importing
+            return issue("handler", f"importing {spec.handler!r} failed: {exc!r}")
+        return None if callable(func) else issue("handler", f"{spec.handler!r} is not callable")
     assert spec.command is not None
     program = spec.command[0]
     cwd = service.base_dir / spec.cwd if spec.cwd else service.base_dir
-    if "/" in program:
-        found = (cwd / program).exists()
-    else:
-        found = shutil.which(program) is not None
-    return None if found else f"command: program {program!r} not found"
+    found = (cwd / program).exists() if "/" in program else shutil.which(program) is not None
+    return None if found else issue("command", f"program {program!r} not found")

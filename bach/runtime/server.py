@@ -22,7 +22,7 @@ import uvicorn
 from bach.api.app import create_app
 from bach.backends import open_backend, store_url
 from bach.core.score import Score
-from bach.errors import BachError, NotFound, StoreError
+from bach.errors import NotFound, ScoreError, StoreError
 from bach.runtime.engine import Engine
 from bach.runtime.invoke import check_service
 from bach.runtime.supervisor import Supervisor
@@ -50,13 +50,13 @@ class _Server(uvicorn.Server):
 
 def check_score(score: Score) -> None:
     """Refuse to start with a service that cannot run."""
-    problems = [
-        f"service {name!r}, field {why}"
-        for name, service in score.services.items()
-        if (why := check_service(service)) is not None
+    issues = [
+        found
+        for service in score.services.values()
+        if (found := check_service(service)) is not None
     ]
-    if problems:
-        raise BachError("score", "; ".join(problems))
+    if issues:
+        raise ScoreError(issues)
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
