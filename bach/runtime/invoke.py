@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +45,7 @@ class Invoker:
         self.service = service
         spec = service.spec
         self._func: Callable[[Any], Any] | None = None
+        self._threads = ThreadPoolExecutor(thread_name_prefix=f"bach-{service.name}")
         if spec.handler is not None:
             self._func = load_object(spec.handler, service.base_dir)
             if not callable(self._func):
@@ -65,7 +67,10 @@ class Invoker:
             if inspect.iscoroutinefunction(func):
                 result = await asyncio.wait_for(func(value), timeout)
             else:
-                result = await asyncio.wait_for(asyncio.to_thread(func, value), timeout)
+                # Our own threads, not the loop's default executor: asyncio.run() joins
+                # that at exit, and a stuck handler would then hold the process.
+                call = asyncio.get_running_loop().run_in_executor(self._threads, func, value)
+                result = await asyncio.wait_for(call, timeout)
         except TimeoutError:
             return Outcome(False, f"timed out after {timeout:g}s", timed_out=True)
         except Exception as exc:

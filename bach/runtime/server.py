@@ -98,8 +98,9 @@ async def serve(score: Score, options: ServeOptions) -> None:
     tasks = [
         asyncio.create_task(engine.run(), name="engine"),
         asyncio.create_task(server.serve(), name="api"),
-        asyncio.create_task(supervisor.run(), name="supervisor"),
     ]
+    if options.workers:
+        tasks.append(asyncio.create_task(supervisor.run(), name="supervisor"))
     while not server.started and not tasks[1].done():
         await asyncio.sleep(0.01)
     if tasks[1].done():

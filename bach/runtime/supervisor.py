@@ -84,18 +84,9 @@ class Supervisor:
         return instance
 
     def _command(self, service: str) -> list[str]:
-        cmd = [
-            sys.executable,
-            "-m",
-            "bach",
-            "worker",
-            "--service",
-            service,
-            "--store",
-            self.store,
-            "--parent-pid",
-            str(os.getpid()),
-        ]
+        cmd = [sys.executable, "-m", "bach", "worker", "--service", service]
+        cmd += ["--store", self.store, "--grace", str(self.grace)]
+        cmd += ["--parent-pid", str(os.getpid())]
         for file in self.score.files:
             cmd += ["--score", file]
         return cmd

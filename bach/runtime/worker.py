@@ -67,12 +67,19 @@ class Worker:
         self._oldest_unreported = 0.0
         self._job_time: float | None = None
         self._stopping = asyncio.Event()
+        self._forced = asyncio.Event()
         #: Set when a sync handler overran its timeout: its thread cannot be stopped, so
         #: the worker leaves after reporting and the supervisor starts a fresh one.
         self.tainted = False
 
     def stop(self) -> None:
+        """Finish what is running, take nothing new."""
         self._stopping.set()
+
+    def force(self) -> None:
+        """Stop now: what is still running is given back to the queue, uncounted."""
+        self._stopping.set()
+        self._forced.set()
 
     def _prefetch(self) -> int:
         if self._job_time is None:
@@ -188,19 +195,19 @@ class Worker:
             self.stop()
 
     async def _wind_down(self) -> None:
-        """On stop: give back jobs not started, let running ones finish (unless the stop
-        was forced), report what finished and give back what did not."""
+        """On stop: give back jobs not started, let running ones finish (until force()),
+        report what finished and give back what did not."""
         if self._backlog:
             await self.backend.release([lease.job.id for lease in self._backlog], self.id)
             for lease in self._backlog:
                 self._held.pop(lease.job.id, None)
             self._backlog.clear()
-        if self._running:
-            try:
-                await asyncio.wait(self._running)
-            except asyncio.CancelledError:  # forced: the grace period is over
-                for task in self._running:
-                    task.cancel()
+        forced = asyncio.create_task(self._forced.wait())
+        while self._running and not self._forced.is_set():
+            await asyncio.wait([*self._running, forced], return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        for task in self._running:
+            task.cancel()  # forced: a sync handler's thread runs on, but we leave
         await self._flush()
         if self._held:
             released = await self.backend.release(list(self._held), self.id)
@@ -228,6 +235,5 @@ async def drain(worker: Worker, task: asyncio.Task[None], grace: float) -> None:
     worker.stop()
     done, _ = await asyncio.wait({task}, timeout=grace)
     if not done:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        worker.force()
+        await task
