@@ -17,9 +17,9 @@ import socket
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -47,6 +47,17 @@ class Submission:
     client: str | None = None
     todo: Sequence[str] | None = None
     key: str | None = None
+
+
+T = TypeVar("T")
+
+
+def _named(known: Mapping[str, T], field: str, name: str) -> T:
+    """Look a name up, or say which names there are."""
+    if name not in known:
+        names = ", ".join(sorted(known)) or "none"
+        raise NotFound(field, f"unknown {field} {name!r} (known: {names})")
+    return known[name]
 
 
 def event_of(report: Report) -> machine.Event:
@@ -80,23 +91,10 @@ class Engine:
         if sub.todo is not None:
             return compile_todo(list(sub.todo), self.score.services), None
         if sub.client is not None:
-            client = self.score.clients.get(sub.client)
-            if client is None:
-                raise NotFound(
-                    "client",
-                    f"unknown client {sub.client!r}"
-                    f" (known: {', '.join(sorted(self.score.clients)) or 'none'})",
-                )
+            client = _named(self.score.clients, "client", sub.client)
             return replace(self.score.rubrics[client.rubric], params=client.params), client.name
         assert sub.rubric is not None
-        found = self.score.rubrics.get(sub.rubric)
-        if found is None:
-            raise NotFound(
-                "rubric",
-                f"unknown rubric {sub.rubric!r}"
-                f" (known: {', '.join(sorted(self.score.rubrics)) or 'none'})",
-            )
-        return found, None
+        return _named(self.score.rubrics, "rubric", sub.rubric), None
 
     async def submit(self, sub: Submission) -> tuple[Request, bool]:
         """Accept a request and dispatch its first tasks, durably, in one step. Returns the

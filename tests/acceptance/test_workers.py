@@ -11,7 +11,16 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.helpers import BACH, EXAMPLES, FIXTURES, read_log, running_system, start_system, stop
+from tests.helpers import (
+    BACH,
+    EXAMPLES,
+    FIXTURES,
+    System,
+    read_log,
+    running_system,
+    start_system,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -21,6 +30,14 @@ def wait_for(predicate: Any, timeout: float = 20) -> None:
     while not predicate():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.05)
+
+
+def start_running(system: System, job: dict[str, Any]) -> str:
+    """Submit one job to service P and wait until a worker has it in hand."""
+    url = f"{system.url}/api/requests"
+    rid: str = httpx.post(url, json={"input": job, "todo": ["P"]}).json()["id"]
+    wait_for(lambda: httpx.get(f"{url}/{rid}").json()["jobs"]["P"]["status"] == "RUNNING")
+    return rid
 
 
 def test_workers_started_by_hand_serve_a_system_without_its_own(tmp_path: Path) -> None:
@@ -67,15 +84,7 @@ def test_sigterm_lets_a_running_job_finish(tmp_path: Path) -> None:
     job = {"task": "t", "value": 1, "sleep": 1.5}
     system = start_system([FIXTURES / "svc.yaml"], store, tmp_path, env=env)
     try:
-        rid = httpx.post(f"{system.url}/api/requests", json={"input": job, "todo": ["P"]}).json()[
-            "id"
-        ]
-        wait_for(
-            lambda: (
-                httpx.get(f"{system.url}/api/requests/{rid}").json()["jobs"]["P"]["status"]
-                == "RUNNING"
-            )
-        )
+        rid = start_running(system, job)
         system.process.send_signal(signal.SIGTERM)
         assert system.process.wait(30) == 0
     finally:
@@ -94,15 +103,7 @@ def test_a_job_that_outlasts_the_grace_period_goes_back_to_the_queue(tmp_path: P
     job = {"task": "t", "value": 1, "sleep": 3}
     system = start_system([FIXTURES / "svc.yaml"], store, tmp_path, "--grace", "0.3", env=env)
     try:
-        rid = httpx.post(f"{system.url}/api/requests", json={"input": job, "todo": ["P"]}).json()[
-            "id"
-        ]
-        wait_for(
-            lambda: (
-                httpx.get(f"{system.url}/api/requests/{rid}").json()["jobs"]["P"]["status"]
-                == "RUNNING"
-            )
-        )
+        rid = start_running(system, job)
         started = time.monotonic()
         system.process.send_signal(signal.SIGTERM)
         assert system.process.wait(30) == 0
