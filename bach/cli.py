@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Callable
 from functools import wraps
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, ClassVar, ParamSpec, TypeVar
 
 import click
 
@@ -75,6 +75,27 @@ token_option = _option(
 json_option = click.option("--json", "as_json", is_flag=True, help="print the raw JSON")
 
 
+class Duration(click.ParamType[float]):
+    """``90``, ``90s``, ``15m``, ``12h``, ``7d`` as seconds."""
+
+    name = "duration"
+    UNITS: ClassVar[dict[str, int]] = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:], None)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration (like 90s, 15m, 12h or 7d)", param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be more than zero", param, ctx)
+        return seconds
+
+
 @click.group()
 @click.version_option(package_name="bach")
 def main() -> None:
@@ -126,6 +147,13 @@ def _load(scores: tuple[str, ...], check: bool = False) -> Any:
     type=float,
     help="seconds workers get to finish their jobs when stopping",
 )
+@_option(
+    "--retain",
+    env="BACH_RETAIN",
+    default=None,
+    type=Duration(),
+    help="forget ended requests this long after they end (e.g. 7d); default keep all",
+)
 @_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
 @_errors_to_exit
 def serve(
@@ -136,6 +164,7 @@ def serve(
     token: str | None,
     no_workers: bool,
     grace: float,
+    retain: float | None,
     log_level: str,
 ) -> None:
     """Start the system: engine, HTTP API and one worker process per service."""
@@ -144,7 +173,13 @@ def serve(
     setup_logging(log_level)
     score = _load(scores, check=True)
     options = ServeOptions(
-        store=store, host=host, port=port, token=token, workers=not no_workers, grace=grace
+        store=store,
+        host=host,
+        port=port,
+        token=token,
+        workers=not no_workers,
+        grace=grace,
+        retain=retain,
     )
     asyncio.run(serve(score, options))
 

@@ -110,7 +110,7 @@ async def submit(
     if not created:
         response.status_code = 200
     if wait:
-        request = await engine.wait(request.id, wait)
+        request = await engine.wait(request.id, wait, current=request)
     return await _view(engine, request)
 
 

@@ -31,13 +31,10 @@ def open_backend(url: str | None = None) -> Backend:
         from bach.backends.sqlite import SqliteBackend
 
         return SqliteBackend(url)
-    if scheme == "redis":
-        try:
-            from bach.backends.redis import RedisBackend  # type: ignore[import-not-found]
-        except ImportError:
-            raise StoreError("store", "the redis backend is not available yet") from None
-        backend: Backend = RedisBackend(url)
-        return backend
+    if scheme in ("redis", "rediss"):
+        from bach.backends.redis import RedisBackend
+
+        return RedisBackend(url)
     raise StoreError(
         "store", f"unknown store scheme {scheme!r} in {url!r} (expected {', '.join(SCHEMES)})"
     )

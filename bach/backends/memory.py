@@ -20,6 +20,8 @@ from bach.backends.port import (
     Transition,
 )
 
+TERMINAL = ("COMPLETE", "FAILED", "CANCELLED")
+
 
 @dataclass
 class _Slot:
@@ -191,6 +193,23 @@ class MemoryBackend:
             slot.worker, slot.until = None, 0.0
             self._signal.ring("jobs:" + slot.job.service)
         return len(slots)
+
+    async def reports_with_requests(
+        self, limit: int
+    ) -> tuple[list[Report], dict[str, RequestRecord]]:
+        reports = await self.reports(limit)
+        return reports, await self.load_many([r.request_id for r in reports])
+
+    async def purge(self, ended_before: float, limit: int = 1000) -> int:
+        old = [
+            r
+            for r in self._requests.values()
+            if r.status in TERMINAL and r.updated_at < ended_before
+        ][:limit]
+        for record in old:
+            del self._requests[record.id]
+            self._keys.pop(record.key, None)
+        return len(old)
 
     async def reports(self, limit: int) -> list[Report]:
         return list(self._reports.values())[:limit]

@@ -170,8 +170,21 @@ class Backend(Protocol):
         """Oldest outcomes not yet applied."""
         ...
 
+    async def reports_with_requests(
+        self, limit: int
+    ) -> tuple[list[Report], dict[str, RequestRecord]]:
+        """``reports(limit)`` and the requests they belong to (``load_many``), read in one
+        go: the engine's read side in one round trip."""
+        ...
+
     async def requeue_expired(self, now: float) -> int:
         """Put jobs whose lease ran out back on their queues."""
+        ...
+
+    async def purge(self, ended_before: float, limit: int = 1000) -> int:
+        """Forget up to ``limit`` ended requests (COMPLETE, FAILED, CANCELLED) last changed
+        before ``ended_before``; returns how many. Retention, so a store does not grow
+        without end."""
         ...
 
     async def stats(self, now: float) -> Stats: ...

@@ -266,18 +266,7 @@ class SqliteBackend:
         return await self._read(op)
 
     async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
-        def op(conn: sqlite3.Connection) -> dict[str, RequestRecord]:
-            found: dict[str, RequestRecord] = {}
-            for start in range(0, len(ids), 500):
-                chunk = ids[start : start + 500]
-                marks = ",".join("?" * len(chunk))
-                for row in conn.execute(
-                    f"SELECT {_REQUEST_COLS} FROM requests WHERE id IN ({marks})", chunk
-                ):
-                    found[row[0]] = _request(row)
-            return found
-
-        return await self._read(op)
+        return await self._read(lambda conn: _load_many(conn, ids))
 
     async def list_requests(
         self, status: str | None = None, limit: int = 100, before: float | None = None
@@ -431,14 +420,26 @@ class SqliteBackend:
 
         return await self._write(op, durable=False)
 
+    async def purge(self, ended_before: float, limit: int = 1000) -> int:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> int:
+            return conn.execute(
+                "DELETE FROM requests WHERE id IN (SELECT id FROM requests"
+                " WHERE status IN ('COMPLETE', 'FAILED', 'CANCELLED') AND updated_at < ?"
+                " LIMIT ?)",
+                (ended_before, limit),
+            ).rowcount
+
+        return await self._write(op, durable=True)
+
     async def reports(self, limit: int) -> list[Report]:
-        def op(conn: sqlite3.Connection) -> list[Report]:
-            rows = conn.execute(
-                "SELECT job_id, request_id, task, attempt, ok, payload, retryable, worker, at"
-                " FROM reports ORDER BY rowid LIMIT ?",
-                (limit,),
-            ).fetchall()
-            return [_report_row(row) for row in rows]
+        return await self._read(lambda conn: _reports(conn, limit))
+
+    async def reports_with_requests(
+        self, limit: int
+    ) -> tuple[list[Report], dict[str, RequestRecord]]:
+        def op(conn: sqlite3.Connection) -> tuple[list[Report], dict[str, RequestRecord]]:
+            reports = _reports(conn, limit)
+            return reports, _load_many(conn, list({r.request_id for r in reports}))
 
         return await self._read(op)
 
@@ -536,3 +537,24 @@ def _enqueue(conn: sqlite3.Connection, jobs: Sequence[JobRecord], topics: set[st
         ],
     )
     topics.update("jobs:" + j.service for j in jobs)
+
+
+def _load_many(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, RequestRecord]:
+    found: dict[str, RequestRecord] = {}
+    for start in range(0, len(ids), 500):
+        chunk = ids[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        for row in conn.execute(
+            f"SELECT {_REQUEST_COLS} FROM requests WHERE id IN ({marks})", chunk
+        ):
+            found[row[0]] = _request(row)
+    return found
+
+
+def _reports(conn: sqlite3.Connection, limit: int) -> list[Report]:
+    rows = conn.execute(
+        "SELECT job_id, request_id, task, attempt, ok, payload, retryable, worker, at"
+        " FROM reports ORDER BY rowid LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [_report_row(row) for row in rows]

@@ -9,7 +9,6 @@ with the jobs that became ready. A commit that finds the request changed underne
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -68,13 +67,18 @@ def event_of(report: Report) -> machine.Event:
 
 class Engine:
     def __init__(
-        self, backend: Backend, score: Score, clock: Callable[[], float] = time.time
+        self,
+        backend: Backend,
+        score: Score,
+        clock: Callable[[], float] = time.time,
+        retain: float | None = None,
     ) -> None:
         self.backend = backend
+        self.retain = retain
         self.score = score
         self.clock = clock
         self.plans = Plans(backend)
-        self._waiters: dict[str, list[asyncio.Future[None]]] = defaultdict(list)
+        self._waiters: dict[str, list[asyncio.Future[Request]]] = defaultdict(list)
         self._stopping = asyncio.Event()
         self.applied = 0
 
@@ -132,20 +136,23 @@ class Engine:
             raise NotFound("request", f"no request with id or key {ref!r}")
         return await self.plans.request(record)
 
-    async def wait(self, ref: str, timeout: float) -> Request:
-        """The request once it has ended, or as it is when the timeout runs out."""
+    async def wait(self, ref: str, timeout: float, current: Request | None = None) -> Request:
+        """The request once it has ended, or as it is when the timeout runs out.
+        ``current``: the request as the caller already has it (saves a read)."""
         deadline = time.monotonic() + timeout
-        request = await self.get(ref)
+        request = current if current is not None else await self.get(ref)
         while not request.terminal:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[Request] = asyncio.get_running_loop().create_future()
             self._waiters[request.id].append(future)
-            # Another engine may finish it: look again now and then.
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(future, min(left, 0.5))
-            request = await self.get(request.id)
+            try:
+                # This engine hands over the ended request; another engine may end it,
+                # so look again now and then.
+                return await asyncio.wait_for(future, min(left, 0.5))
+            except TimeoutError:
+                request = await self.get(request.id)
         return request
 
     async def list_requests(self, status: str | None, limit: int) -> list[Request]:
@@ -164,7 +171,7 @@ class Engine:
             new = replace(new, version=request.version + 1)
             step = Transition(request.id, request.version, to_record(new), withdraw=True)
             if (await self.backend.commit([step]))[0]:
-                self._wake(new.id)
+                self._wake(new)
                 return new
         raise RuntimeError(f"request {ref} kept changing while being cancelled")
 
@@ -172,16 +179,15 @@ class Engine:
 
     async def step(self) -> int:
         """Apply one batch of reports. Returns how many reports were read."""
-        reports = await self.backend.reports(BATCH)
+        reports, records = await self.backend.reports_with_requests(BATCH)
         if not reports:
             return 0
         grouped: dict[str, list[Report]] = defaultdict(list)
         for report in reports:
             grouped[report.request_id].append(report)
-        records = await self.backend.load_many(list(grouped))
         now = self.clock()
         steps: list[Transition] = []
-        ended: list[str] = []
+        ended: dict[str, Request] = {}
         for rid, batch in grouped.items():
             consumed = tuple(r.job_id for r in batch)
             record = records.get(rid)
@@ -195,11 +201,11 @@ class Engine:
                 effects += more
             steps.append(self._transition(request, new, effects, consumed))
             if new.terminal and not request.terminal:
-                ended.append(rid)
+                ended[rid] = replace(new, version=request.version + 1)
         results = await self.backend.commit(steps)
         for rid, ok in zip(grouped, results, strict=True):
             if ok and rid in ended:
-                self._wake(rid)
+                self._wake(ended[rid])
         self.applied += sum(
             len(grouped[rid]) for rid, ok in zip(grouped, results, strict=True) if ok
         )
@@ -222,10 +228,10 @@ class Engine:
             withdraw=any(isinstance(e, Withdraw) for e in effects),
         )
 
-    def _wake(self, request_id: str) -> None:
-        for future in self._waiters.pop(request_id, []):
+    def _wake(self, request: Request) -> None:
+        for future in self._waiters.pop(request.id, []):
             if not future.done():
-                future.set_result(None)
+                future.set_result(request)
 
     async def run(self, poll: float = 0.5, housekeeping: float = 1.0) -> None:
         """Apply reports as they come until stop() is called."""
@@ -246,8 +252,13 @@ class Engine:
         self._stopping.set()
 
     async def sweep(self) -> None:
-        """Put expired leases back, and at once those of workers on this host that died."""
+        """Put expired leases back, and at once those of workers on this host that died;
+        forget requests that ended longer ago than ``retain``."""
         await self.backend.requeue_expired(self.clock())
+        if self.retain is not None:
+            purged = await self.backend.purge(self.clock() - self.retain)
+            if purged:
+                log.info("forgot %d request(s) ended over %gs ago", purged, self.retain)
         stats = await self.backend.stats(self.clock())
         for worker in stats.workers:
             if is_dead_local_worker(worker):

@@ -39,6 +39,8 @@ class ServeOptions:
     token: str | None = None
     workers: bool = True
     grace: float = 10.0
+    #: Seconds ended requests are kept; None keeps them all.
+    retain: float | None = None
 
 
 class _Server(uvicorn.Server):
@@ -68,7 +70,7 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 async def serve(score: Score, options: ServeOptions) -> None:
     store = store_url(options.store)
     backend = open_backend(store)
-    engine = Engine(backend, score)
+    engine = Engine(backend, score, retain=options.retain)
     in_process = store.startswith("memory:")
     supervisor = Supervisor(score, backend, store, in_process=in_process, grace=options.grace)
 

@@ -1,0 +1,844 @@
+"""The Redis backend: every engine, API and worker process, on any host, shares one Redis.
+
+URL: ``redis://host:port/db?prefix=NAME`` (``rediss://`` for TLS, ``unix:///path`` is not
+supported). ``prefix`` (default ``bach``) namespaces every key, so two systems can share
+one Redis. Needs a standalone Redis (or a primary): the scripts touch keys they compute
+from the prefix, which a Redis Cluster would refuse.
+
+Key layout, for prefix ``p`` (every key name Bach uses is built in ``LAYOUT`` below, for
+Python and for the Lua scripts alike):
+
+=============================  ======  ================================================
+``p:req:<request id>``         hash    the request record: id, key, status, version,
+                                       plan_id, body, created_at, updated_at
+``p:keys``                     hash    tracking key -> request id
+``p:plans``                    hash    plan digest -> plan JSON
+``p:created``                  zset    request ids by created_at (listing, newest first)
+``p:status:<STATUS>``          zset    request ids with that status, by created_at
+``p:ended``                    zset    ended requests by updated_at (retention)
+``p:job:<job id>``             hash    one job: its record, plus worker, until, deliveries
+``p:queue:<service>``          zset    queued job ids by available_at (due when <= now)
+``p:running:<service>``        set     that service's leased job ids
+``p:services``                 set     service names that have had jobs
+``p:leases``                   zset    leased job ids by lease end (expiry sweep)
+``p:held:<worker>``            set     job ids a worker holds
+``p:workers``                  set     workers holding at least one job
+``p:rjobs:<request id>``       set     a request's jobs not yet reported (withdraw)
+``p:reports``                  hash    job id -> report JSON (the completion channel)
+``p:outbox``                   zset    reported job ids by arrival order
+``p:seq``                      string  arrival counter for ``p:outbox``
+``p:bell:jobs:<service>``      chan    published when that service's jobs are queued
+``p:bell:reports``             chan    published when reports arrive
+=============================  ======  ================================================
+
+Why sorted sets and not Streams or lists: a queued job carries the time it becomes due
+(retries wait out their backoff in the queue), which a sorted set orders for free and a
+stream or list cannot hold back; a lease must be one atomic step with the request's job
+set and the lease index, which a Lua script gives and XREADGROUP cannot join; and a lease
+expires at its own deadline (``p:leases``), pushed out by the holder's heartbeat, rather
+than at a consumer group's idle time. Idle workers still cost nothing: they block on a
+pub/sub subscription to their service's bell, and every script that queues a job rings
+it (a worker that misses a ring still looks again after its poll interval).
+
+Every method is one Lua script (or a read-only pipeline), so a transition is atomic
+across processes. ``commit`` applies a request's new state only if its version is the
+one it was read at, and enqueues the jobs that became ready and drops the reports it
+consumed in the same script.
+
+When Redis goes away, calls retry with capped exponential backoff (about 30 s in all)
+before they fail; the engine and workers then keep retrying on their own, and workers
+keep their results until a report is acknowledged. A script whose reply was lost may be
+retried: ``create`` then finds its own key, ``report`` collapses duplicates, ``commit``
+finds the version moved (and the engine reads again), and jobs a lost ``lease`` reply
+handed out come back when their lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from bach.backends.port import (
+    JobRecord,
+    Lease,
+    QueueStats,
+    Report,
+    RequestRecord,
+    Stats,
+    Transition,
+)
+from bach.errors import StoreError
+
+log = logging.getLogger("bach.redis")
+
+DEFAULT_PREFIX = "bach"
+STATUSES = ("PENDING", "RUNNING", "COMPLETE", "FAILED", "CANCELLED")
+TERMINAL = ("COMPLETE", "FAILED", "CANCELLED")
+
+#: Every key and channel, as ``name: (suffix, takes an argument)``.
+LAYOUT: dict[str, tuple[str, bool]] = {
+    "req": ("req", True),
+    "keys": ("keys", False),
+    "plans": ("plans", False),
+    "created": ("created", False),
+    "status": ("status", True),
+    "ended": ("ended", False),
+    "job": ("job", True),
+    "queue": ("queue", True),
+    "running": ("running", True),
+    "services": ("services", False),
+    "leases": ("leases", False),
+    "held": ("held", True),
+    "workers": ("workers", False),
+    "rjobs": ("rjobs", True),
+    "reports": ("reports", False),
+    "outbox": ("outbox", False),
+    "seq": ("seq", False),
+    "bell_jobs": ("bell:jobs", True),
+    "bell_reports": ("bell:reports", False),
+}
+
+REQUEST_FIELDS = ("id", "key", "status", "version", "plan_id", "body", "created_at", "updated_at")
+JOB_FIELDS = (
+    "id",
+    "request_id",
+    "task",
+    "attempt",
+    "service",
+    "payload",
+    "available_at",
+    "timeout",
+)
+
+
+class Keys:
+    """Key names for one prefix (Python side of ``LAYOUT``)."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def __getattr__(self, name: str) -> Any:
+        suffix, takes_arg = LAYOUT[name]
+        base = f"{self.prefix}:{suffix}"
+        if takes_arg:
+            return lambda arg: f"{base}:{arg}"
+        return base
+
+
+def _lua_prelude() -> str:
+    """The same layout as Lua functions: ``K.req(id)``, ``K.keys``; the prefix is ARGV[1]."""
+    lines = ["local P = ARGV[1]", "local K = {}"]
+    for name, (suffix, takes_arg) in LAYOUT.items():
+        if takes_arg:
+            lines.append(f"K.{name} = function(a) return P .. ':{suffix}:' .. a end")
+        else:
+            lines.append(f"K.{name} = P .. ':{suffix}'")
+    return "\n".join(lines) + "\n"
+
+
+# Shared Lua pieces. Arguments arrive flat in ARGV; ``arg()`` reads the next one.
+_LUA_COMMON = (
+    _lua_prelude()
+    + """
+local pos = 1
+local function arg() pos = pos + 1; return ARGV[pos] end
+local rung = {}
+local function ring(channel) rung[channel] = true end
+local function ring_all() for channel in pairs(rung) do redis.call('PUBLISH', channel, '') end end
+
+-- job fields: id request_id task attempt service payload available_at timeout
+local function enqueue(f)
+  local jk = K.job(f[1])
+  if redis.call('EXISTS', jk) == 1 then return end
+  redis.call('HSET', jk, 'id', f[1], 'request_id', f[2], 'task', f[3], 'attempt', f[4],
+    'service', f[5], 'payload', f[6], 'available_at', f[7], 'timeout', f[8],
+    'worker', '', 'until', '0', 'deliveries', '0')
+  redis.call('ZADD', K.queue(f[5]), f[7], f[1])
+  redis.call('SADD', K.services, f[5])
+  redis.call('SADD', K.rjobs(f[2]), f[1])
+  ring(K.bell_jobs(f[5]))
+end
+
+local function read_jobs()
+  local n = tonumber(arg())
+  for _ = 1, n do
+    local f = {}
+    for i = 1, 8 do f[i] = arg() end
+    enqueue(f)
+  end
+end
+
+local function unhold(id, worker)
+  if worker and worker ~= '' then
+    redis.call('SREM', K.held(worker), id)
+    if redis.call('SCARD', K.held(worker)) == 0 then redis.call('SREM', K.workers, worker) end
+  end
+end
+
+-- put a leased job back on its queue; uncount: the delivery does not count
+local function requeue(id, uncount)
+  local jk = K.job(id)
+  local f = redis.call('HMGET', jk, 'service', 'worker', 'available_at')
+  if not f[1] or f[2] == '' then return 0 end
+  redis.call('ZREM', K.leases, id)
+  redis.call('SREM', K.running(f[1]), id)
+  unhold(id, f[2])
+  redis.call('HSET', jk, 'worker', '', 'until', '0')
+  if uncount then redis.call('HINCRBY', jk, 'deliveries', -1) end
+  redis.call('ZADD', K.queue(f[1]), f[3], id)
+  ring(K.bell_jobs(f[1]))
+  return 1
+end
+
+-- a report acks its job (wherever it is) and joins the completion channel once
+local function take_report(id, report)
+  local jk = K.job(id)
+  local f = redis.call('HMGET', jk, 'service', 'worker', 'request_id')
+  if f[1] then
+    redis.call('ZREM', K.queue(f[1]), id)
+    redis.call('SREM', K.running(f[1]), id)
+    redis.call('ZREM', K.leases, id)
+    unhold(id, f[2])
+    redis.call('SREM', K.rjobs(f[3]), id)
+    redis.call('DEL', jk)
+  end
+  if redis.call('HSETNX', K.reports, id, report) == 1 then
+    redis.call('ZADD', K.outbox, redis.call('INCR', K.seq), id)
+    ring(K.bell_reports)
+  end
+end
+
+local function read_reports()
+  local n = tonumber(arg())
+  for _ = 1, n do
+    local id = arg()
+    take_report(id, arg())
+  end
+end
+
+local REQUEST_FIELDS = {'id', 'key', 'status', 'version', 'plan_id', 'body',
+  'created_at', 'updated_at'}
+local TERMINAL = {COMPLETE = true, FAILED = true, CANCELLED = true}
+
+local function write_request(f, old_status)
+  local rk = K.req(f[1])
+  local pairs_ = {}
+  for i, name in ipairs(REQUEST_FIELDS) do
+    pairs_[#pairs_ + 1] = name
+    pairs_[#pairs_ + 1] = f[i]
+  end
+  redis.call('HSET', rk, unpack(pairs_))
+  if old_status ~= f[3] then
+    if old_status then redis.call('ZREM', K.status(old_status), f[1]) end
+    redis.call('ZADD', K.status(f[3]), f[7], f[1])
+  end
+  if TERMINAL[f[3]] then redis.call('ZADD', K.ended, f[8], f[1]) end
+end
+"""
+)
+
+_CREATE = (
+    _LUA_COMMON
+    + """
+local f = {}
+for i = 1, 8 do f[i] = arg() end
+local existing = redis.call('HGET', K.keys, f[2])
+if existing then
+  return {0, redis.call('HMGET', K.req(existing), unpack(REQUEST_FIELDS))}
+end
+local plan_id, plan = arg(), arg()
+redis.call('HSETNX', K.plans, plan_id, plan)
+redis.call('HSET', K.keys, f[2], f[1])
+redis.call('ZADD', K.created, f[7], f[1])
+write_request(f, nil)
+read_jobs()
+ring_all()
+return {1}
+"""
+)
+
+# Per transition: request_id expected_version has_record [8 record fields]
+#   n_jobs [8 fields each] n_consumed [ids] withdraw
+_COMMIT = (
+    _LUA_COMMON
+    + """
+local count = tonumber(arg())
+local results = {}
+for t = 1, count do
+  local rid, expected, has_record = arg(), arg(), arg()
+  local rec = nil
+  if has_record == '1' then
+    rec = {}
+    for i = 1, 8 do rec[i] = arg() end
+  end
+  local jobs = {}
+  for j = 1, tonumber(arg()) do
+    local f = {}
+    for i = 1, 8 do f[i] = arg() end
+    jobs[j] = f
+  end
+  local consumed = {}
+  for c = 1, tonumber(arg()) do consumed[c] = arg() end
+  local withdraw = arg() == '1'
+
+  local ok = true
+  local old_status = nil
+  if rec then
+    local cur = redis.call('HMGET', K.req(rid), 'version', 'status')
+    ok = cur[1] == expected
+    old_status = cur[2]
+  end
+  if ok then
+    if rec then write_request(rec, old_status) end
+    for _, id in ipairs(consumed) do
+      redis.call('HDEL', K.reports, id)
+      redis.call('ZREM', K.outbox, id)
+    end
+    if withdraw then
+      for _, id in ipairs(redis.call('SMEMBERS', K.rjobs(rid))) do
+        local jf = redis.call('HMGET', K.job(id), 'service', 'worker')
+        if not jf[1] then
+          redis.call('SREM', K.rjobs(rid), id)
+        elseif jf[2] == '' then
+          redis.call('ZREM', K.queue(jf[1]), id)
+          redis.call('DEL', K.job(id))
+          redis.call('SREM', K.rjobs(rid), id)
+        end
+      end
+    end
+    for _, f in ipairs(jobs) do enqueue(f) end
+  end
+  results[t] = ok and 1 or 0
+end
+ring_all()
+return results
+"""
+)
+
+# ARGV: prefix service worker now until limit n_reports [id report]...
+_LEASE = (
+    _LUA_COMMON
+    + """
+local service, worker, now, until_, limit = arg(), arg(), arg(), arg(), tonumber(arg())
+read_reports()
+local out = {}
+if limit > 0 then
+  local ids = redis.call('ZRANGEBYSCORE', K.queue(service), '-inf', now, 'LIMIT', 0, limit)
+  for _, id in ipairs(ids) do
+    local jk = K.job(id)
+    redis.call('ZREM', K.queue(service), id)
+    local deliveries = redis.call('HINCRBY', jk, 'deliveries', 1)
+    redis.call('HSET', jk, 'worker', worker, 'until', until_)
+    redis.call('ZADD', K.leases, until_, id)
+    redis.call('SADD', K.running(service), id)
+    redis.call('SADD', K.held(worker), id)
+    local f = redis.call('HMGET', jk, 'id', 'request_id', 'task', 'attempt', 'service',
+      'payload', 'available_at', 'timeout')
+    f[9] = deliveries
+    out[#out + 1] = f
+  end
+  if #ids > 0 then redis.call('SADD', K.workers, worker) end
+end
+ring_all()
+return out
+"""
+)
+
+_REPORT = _LUA_COMMON + "read_reports()\nring_all()\nreturn 1\n"
+
+# ARGV: prefix worker until ids...
+_EXTEND = (
+    _LUA_COMMON
+    + """
+local worker, until_ = arg(), arg()
+local lost = {}
+for i = pos + 1, #ARGV do
+  local id = ARGV[i]
+  if redis.call('HGET', K.job(id), 'worker') == worker then
+    redis.call('HSET', K.job(id), 'until', until_)
+    redis.call('ZADD', K.leases, until_, id)
+  else
+    lost[#lost + 1] = id
+  end
+end
+return lost
+"""
+)
+
+# ARGV: prefix worker ids...
+_RELEASE = (
+    _LUA_COMMON
+    + """
+local worker = arg()
+local n = 0
+for i = pos + 1, #ARGV do
+  if redis.call('HGET', K.job(ARGV[i]), 'worker') == worker then
+    n = n + requeue(ARGV[i], true)
+  end
+end
+ring_all()
+return n
+"""
+)
+
+# ARGV: prefix worker
+_RELEASE_WORKER = (
+    _LUA_COMMON
+    + """
+local n = 0
+for _, id in ipairs(redis.call('SMEMBERS', K.held(arg()))) do n = n + requeue(id, false) end
+ring_all()
+return n
+"""
+)
+
+# ARGV: prefix now
+_REQUEUE_EXPIRED = (
+    _LUA_COMMON
+    + """
+local n = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', '(' .. arg())) do
+  n = n + requeue(id, false)
+end
+ring_all()
+return n
+"""
+)
+
+# ARGV: prefix ref
+_LOAD = (
+    _LUA_COMMON
+    + """
+local ref = arg()
+local id = ref
+if redis.call('EXISTS', K.req(ref)) == 0 then
+  id = redis.call('HGET', K.keys, ref)
+  if not id then return nil end
+end
+return redis.call('HMGET', K.req(id), unpack(REQUEST_FIELDS))
+"""
+)
+
+# ARGV: prefix limit with_requests -> {reports, {request fields}...}
+_REPORTS = (
+    _LUA_COMMON
+    + """
+local limit, with_requests = tonumber(arg()), arg() == '1'
+local ids = redis.call('ZRANGE', K.outbox, 0, limit - 1)
+if #ids == 0 then return {{}} end
+local reports = redis.call('HMGET', K.reports, unpack(ids))
+local out = {reports}
+if with_requests then
+  local seen = {}
+  for _, report in ipairs(reports) do
+    if report then
+      local rid = cjson.decode(report)[2]
+      if not seen[rid] then
+        seen[rid] = true
+        local fields = redis.call('HMGET', K.req(rid), unpack(REQUEST_FIELDS))
+        if fields[1] then out[#out + 1] = fields end
+      end
+    end
+  end
+end
+return out
+"""
+)
+
+# ARGV: prefix request_id
+_LEASED = (
+    _LUA_COMMON
+    + """
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', K.rjobs(arg()))) do
+  local f = redis.call('HMGET', K.job(id), 'task', 'worker')
+  if f[2] and f[2] ~= '' then
+    out[#out + 1] = f[1]
+    out[#out + 1] = f[2]
+  end
+end
+return out
+"""
+)
+
+# ARGV: prefix now
+_STATS = (
+    _LUA_COMMON
+    + """
+local now = arg()
+local requests = {}
+for _, status in ipairs({'PENDING', 'RUNNING', 'COMPLETE', 'FAILED', 'CANCELLED'}) do
+  requests[#requests + 1] = status
+  requests[#requests + 1] = redis.call('ZCARD', K.status(status))
+end
+local queues = {}
+for _, service in ipairs(redis.call('SMEMBERS', K.services)) do
+  local q = K.queue(service)
+  local oldest = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
+  queues[#queues + 1] = {service, redis.call('ZCOUNT', q, '-inf', now),
+    redis.call('ZCOUNT', q, '(' .. now, '+inf'), redis.call('SCARD', K.running(service)),
+    oldest[2] or ''}
+end
+local workers = {}
+for _, worker in ipairs(redis.call('SMEMBERS', K.workers)) do
+  workers[#workers + 1] = worker
+  workers[#workers + 1] = redis.call('SCARD', K.held(worker))
+end
+return {requests, queues, workers, redis.call('ZCARD', K.outbox)}
+"""
+)
+
+# ARGV: prefix before limit
+_PURGE = (
+    _LUA_COMMON
+    + """
+local before, limit = arg(), tonumber(arg())
+local ids = redis.call('ZRANGEBYSCORE', K.ended, '-inf', '(' .. before, 'LIMIT', 0, limit)
+for _, id in ipairs(ids) do
+  local f = redis.call('HMGET', K.req(id), 'key', 'status')
+  if f[1] then redis.call('HDEL', K.keys, f[1]) end
+  if f[2] then redis.call('ZREM', K.status(f[2]), id) end
+  redis.call('ZREM', K.created, id)
+  redis.call('ZREM', K.ended, id)
+  redis.call('DEL', K.req(id), K.rjobs(id))
+end
+return #ids
+"""
+)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _record(fields: Sequence[Any]) -> RequestRecord:
+    rid, key, status, version, plan_id, body, created, updated = (_text(f) for f in fields)
+    return RequestRecord(
+        rid, key, status, int(version), plan_id, body, float(created), float(updated)
+    )
+
+
+def _record_args(record: RequestRecord) -> list[str]:
+    return [
+        record.id,
+        record.key,
+        record.status,
+        str(record.version),
+        record.plan_id,
+        record.body,
+        repr(record.created_at),
+        repr(record.updated_at),
+    ]
+
+
+def _job_args(jobs: Sequence[JobRecord]) -> list[str]:
+    out = [str(len(jobs))]
+    for job in jobs:
+        out += [
+            job.id,
+            job.request_id,
+            job.task,
+            str(job.attempt),
+            job.service,
+            job.payload,
+            repr(job.available_at),
+            repr(job.timeout),
+        ]
+    return out
+
+
+def _job(fields: Sequence[Any]) -> JobRecord:
+    jid, rid, task, attempt, service, payload, available_at, timeout = (
+        _text(f) for f in fields[:8]
+    )
+    return JobRecord(
+        jid, rid, task, int(attempt), service, payload, float(available_at), float(timeout)
+    )
+
+
+def _report_args(reports: Sequence[Report]) -> list[str]:
+    out = [str(len(reports))]
+    for r in reports:
+        out += [
+            r.job_id,
+            json.dumps(
+                [
+                    r.job_id,
+                    r.request_id,
+                    r.task,
+                    r.attempt,
+                    r.ok,
+                    r.payload,
+                    r.worker,
+                    r.at,
+                    r.retryable,
+                ]
+            ),
+        ]
+    return out
+
+
+def _report(text: Any) -> Report:
+    job_id, rid, task, attempt, ok, payload, worker, at, retryable = json.loads(text)
+    return Report(job_id, rid, task, attempt, ok, payload, worker, at, retryable)
+
+
+def parse_url(url: str) -> tuple[str, str]:
+    """Split Bach's own options off a Redis URL: (URL for redis-py, key prefix)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    prefix = query.pop("prefix", DEFAULT_PREFIX)
+    if not prefix or any(c in prefix for c in " *?[]"):
+        raise StoreError("store", f"prefix {prefix!r} in {url!r} must be a plain, non-empty name")
+    return urlunsplit(parts._replace(query=urlencode(query))), prefix
+
+
+class _Bells:
+    """Wake-ups over pub/sub: one subscription per topic, kept for the backend's life, so a
+    ring between two waits is not lost. ``subscribe`` returns once Redis has confirmed the
+    subscription: whatever the caller reads after it, a later ring reaches it."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._client = client
+        self._pubsub: PubSub | None = None
+        self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._confirmed: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
+        self._reader: asyncio.Task[None] | None = None
+
+    async def subscribe(self, channel: str) -> None:
+        confirmed = self._confirmed[channel]
+        if confirmed.is_set():
+            return
+        if self._pubsub is None:
+            self._pubsub = self._client.pubsub()
+        await self._pubsub.subscribe(channel)
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(confirmed.wait(), 2.0)
+
+    async def wait(self, channel: str, timeout: float) -> None:
+        await self.subscribe(channel)
+        event = self._events[channel]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout)
+        event.clear()
+
+    async def _read(self) -> None:
+        assert self._pubsub is not None
+        delay = 0.05
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=5.0)
+                delay = 0.05
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                log.warning("redis pub/sub lost (%s); reconnecting", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                for event in self._events.values():  # rings may have been missed
+                    event.set()
+                continue
+            if message is None:
+                continue
+            channel = _text(message["channel"])
+            if message["type"] == "subscribe":
+                self._confirmed[channel].set()
+            else:
+                self._events[channel].set()
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reader
+        if self._pubsub is not None:
+            with contextlib.suppress(Exception):
+                await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class RedisBackend:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        client_url, self.prefix = parse_url(url)
+        self.keys = Keys(self.prefix)
+        self._client: aioredis.Redis = aioredis.Redis.from_url(
+            client_url,
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=40),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
+            health_check_interval=30,
+            socket_connect_timeout=2.0,
+        )
+        self._bells = _Bells(self._client)
+        register = self._client.register_script
+        self._create = register(_CREATE)
+        self._commit = register(_COMMIT)
+        self._lease = register(_LEASE)
+        self._report = register(_REPORT)
+        self._extend = register(_EXTEND)
+        self._release = register(_RELEASE)
+        self._release_worker = register(_RELEASE_WORKER)
+        self._requeue_expired = register(_REQUEUE_EXPIRED)
+        self._load = register(_LOAD)
+        self._reports = register(_REPORTS)
+        self._leased = register(_LEASED)
+        self._stats = register(_STATS)
+        self._purge = register(_PURGE)
+
+    async def _run(self, script: Any, *args: Any) -> Any:
+        try:
+            return await script(args=[self.prefix, *args])
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreError("store", f"redis at {self.url} is unreachable: {exc}") from exc
+
+    async def create(
+        self, record: RequestRecord, plan_id: str, plan: str, jobs: Sequence[JobRecord]
+    ) -> tuple[RequestRecord, bool]:
+        reply = await self._run(
+            self._create, *_record_args(record), plan_id, plan, *_job_args(jobs)
+        )
+        if reply[0] == 1:
+            return record, True
+        return _record(reply[1]), False
+
+    async def load(self, ref: str) -> RequestRecord | None:
+        fields = await self._run(self._load, ref)
+        return None if fields is None else _record(fields)
+
+    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
+        rows = await self._hmget_requests(ids)
+        return {r.id: r for r in rows}
+
+    async def _hmget_requests(self, ids: Sequence[str]) -> list[RequestRecord]:
+        if not ids:
+            return []
+        try:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for rid in ids:
+                    pipe.hmget(self.keys.req(rid), REQUEST_FIELDS)
+                rows = await pipe.execute()
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreError("store", f"redis at {self.url} is unreachable: {exc}") from exc
+        return [_record(row) for row in rows if row[0] is not None]
+
+    async def list_requests(
+        self, status: str | None = None, limit: int = 100, before: float | None = None
+    ) -> list[RequestRecord]:
+        index = self.keys.status(status) if status else self.keys.created
+        high = "+inf" if before is None else f"({before!r}"
+        ids = await self._client.zrevrangebyscore(index, high, "-inf", start=0, num=limit)
+        return await self._hmget_requests([_text(i) for i in ids])
+
+    async def plan(self, plan_id: str) -> str | None:
+        found = await self._client.hget(self.keys.plans, plan_id)
+        return None if found is None else _text(found)
+
+    async def commit(self, transitions: Sequence[Transition]) -> list[bool]:
+        if not transitions:
+            return []
+        args: list[str] = [str(len(transitions))]
+        for t in transitions:
+            args += [t.request_id, str(t.expected_version)]
+            args += ["1", *_record_args(t.record)] if t.record is not None else ["0"]
+            args += _job_args(t.enqueue)
+            args += [str(len(t.consumed)), *t.consumed, "1" if t.withdraw else "0"]
+        return [bool(r) for r in await self._run(self._commit, *args)]
+
+    async def lease(
+        self,
+        service: str,
+        worker: str,
+        now: float,
+        ttl: float,
+        limit: int = 1,
+        done: Sequence[Report] = (),
+    ) -> list[Lease]:
+        await self._bells.subscribe(self.keys.bell_jobs(service))
+        until = now + ttl
+        rows = await self._run(
+            self._lease, service, worker, repr(now), repr(until), str(limit), *_report_args(done)
+        )
+        return [Lease(_job(row), worker, until, int(row[8])) for row in rows]
+
+    async def extend(self, job_ids: Sequence[str], worker: str, until: float) -> list[str]:
+        if not job_ids:
+            return []
+        return [_text(i) for i in await self._run(self._extend, worker, repr(until), *job_ids)]
+
+    async def leased(self, request_id: str) -> dict[str, str]:
+        flat = [_text(x) for x in await self._run(self._leased, request_id)]
+        return dict(zip(flat[::2], flat[1::2], strict=True))
+
+    async def report(self, reports: Sequence[Report]) -> None:
+        if reports:
+            await self._run(self._report, *_report_args(reports))
+
+    async def release(self, job_ids: Sequence[str], worker: str) -> int:
+        if not job_ids:
+            return 0
+        return int(await self._run(self._release, worker, *job_ids))
+
+    async def release_worker(self, worker: str) -> int:
+        return int(await self._run(self._release_worker, worker))
+
+    async def reports(self, limit: int) -> list[Report]:
+        return (await self._read_reports(limit, False))[0]
+
+    async def reports_with_requests(
+        self, limit: int
+    ) -> tuple[list[Report], dict[str, RequestRecord]]:
+        return await self._read_reports(limit, True)
+
+    async def _read_reports(
+        self, limit: int, with_requests: bool
+    ) -> tuple[list[Report], dict[str, RequestRecord]]:
+        await self._bells.subscribe(self.keys.bell_reports)
+        reports, *requests = await self._run(
+            self._reports, str(limit), "1" if with_requests else "0"
+        )
+        records = (_record(fields) for fields in requests)
+        return [_report(text) for text in reports if text], {r.id: r for r in records}
+
+    async def requeue_expired(self, now: float) -> int:
+        return int(await self._run(self._requeue_expired, repr(now)))
+
+    async def purge(self, ended_before: float, limit: int = 1000) -> int:
+        return int(await self._run(self._purge, repr(ended_before), str(limit)))
+
+    async def stats(self, now: float) -> Stats:
+        requests, queues, workers, reports = await self._run(self._stats, repr(now))
+        counts = {
+            _text(requests[i]): int(requests[i + 1])
+            for i in range(0, len(requests), 2)
+            if int(requests[i + 1])
+        }
+        per_service: dict[str, QueueStats] = {}
+        for service, queued, delayed, running, oldest in queues:
+            queued, delayed, running = int(queued), int(delayed), int(running)
+            if queued or delayed or running:
+                first = float(oldest) if oldest and queued else None
+                per_service[_text(service)] = QueueStats(queued, delayed, running, first)
+        holders = {_text(workers[i]): int(workers[i + 1]) for i in range(0, len(workers), 2)}
+        return Stats(counts, per_service, int(reports), holders)
+
+    async def wait_jobs(self, service: str, timeout: float) -> None:
+        await self._bells.wait(self.keys.bell_jobs(service), timeout)
+
+    async def wait_reports(self, timeout: float) -> None:
+        await self._bells.wait(self.keys.bell_reports, timeout)
+
+    async def close(self) -> None:
+        await self._bells.close()
+        await self._client.aclose()
