@@ -197,6 +197,14 @@ def serve(
     help="jobs run at once",
 )
 @_option("--grace", env="BACH_GRACE", default=10.0, show_default=True, type=float)
+@_option(
+    "--lease",
+    env="BACH_LEASE",
+    default=15.0,
+    show_default=True,
+    type=float,
+    help="seconds a job stays leased without a heartbeat before it goes back to its queue",
+)
 @click.option("--parent-pid", type=int, default=None, hidden=True)
 @_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
 @_errors_to_exit
@@ -206,6 +214,7 @@ def worker(
     store: str | None,
     concurrency: int,
     grace: float,
+    lease: float,
     parent_pid: int | None,
     log_level: str,
 ) -> None:
@@ -216,7 +225,13 @@ def worker(
     score = _load(scores)
     status = asyncio.run(
         run_worker(
-            score, service, store, parent_pid=parent_pid, concurrency=concurrency, grace=grace
+            score,
+            service,
+            store,
+            parent_pid=parent_pid,
+            concurrency=concurrency,
+            grace=grace,
+            lease=lease,
         )
     )
     sys.stdout.flush()

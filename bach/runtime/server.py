@@ -148,6 +148,7 @@ async def run_worker(
     parent_pid: int | None = None,
     concurrency: int = 1,
     grace: float = 10.0,
+    lease: float = 15.0,
 ) -> int:
     """Serve one service until SIGTERM. Returns the process exit status."""
     found = score.services.get(service)
@@ -160,7 +161,7 @@ async def run_worker(
             "store", "a worker process needs a shared store (sqlite or redis), not memory://"
         )
     backend = open_backend(url)
-    worker = Worker(backend, found, concurrency=concurrency)
+    worker = Worker(backend, found, concurrency=concurrency, lease_ttl=lease)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     task = asyncio.create_task(worker.run(parent_pid=parent_pid))
