@@ -164,6 +164,8 @@ async def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
         "requests": figures.requests,
         "reports_waiting": figures.reports,
         "services": services,
+        # This process's engine: other engines on the same store count their own.
+        "engine": {"applied_reports": engine.applied},
     }
     extra: StatsExtra | None = request.app.state.stats_extra
     if extra is not None:
