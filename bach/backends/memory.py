@@ -241,5 +241,10 @@ class MemoryBackend:
     async def wait_reports(self, timeout: float) -> None:
         await self._signal.wait("reports", timeout)
 
+    async def wait_ended(self, timeout: float) -> list[str]:
+        # One engine per process: it wakes its own waiters as it ends requests.
+        await asyncio.sleep(timeout)
+        return []
+
     async def close(self) -> None:
         return None

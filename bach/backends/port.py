@@ -197,4 +197,10 @@ class Backend(Protocol):
         """Return when reports may have arrived, or after timeout."""
         ...
 
+    async def wait_ended(self, timeout: float) -> list[str]:
+        """Ids of requests that ended (in any process) since the last call, waiting up to
+        ``timeout`` for one. A backend that cannot tell returns [] after the timeout, and
+        waiters for requests another engine ends fall back to polling."""
+        ...
+
     async def close(self) -> None: ...

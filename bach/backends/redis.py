@@ -1,9 +1,10 @@
 """The Redis backend: every engine, API and worker process, on any host, shares one Redis.
 
-URL: ``redis://host:port/db?prefix=NAME`` (``rediss://`` for TLS, ``unix:///path`` is not
-supported). ``prefix`` (default ``bach``) namespaces every key, so two systems can share
-one Redis. Needs a standalone Redis (or a primary): the scripts touch keys they compute
-from the prefix, which a Redis Cluster would refuse.
+URL: ``redis://host:port/db?prefix=NAME&retries=N`` (``rediss://`` for TLS; other query
+options go to redis-py). ``prefix`` (default ``bach``) namespaces every key, so two
+systems can share one Redis; connections are named ``bach:<prefix>`` in CLIENT LIST.
+Needs a standalone Redis (or a primary): the scripts touch keys they compute from the
+prefix, which a Redis Cluster would refuse.
 
 Key layout, for prefix ``p`` (every key name Bach uses is built in ``LAYOUT`` below, for
 Python and for the Lua scripts alike):
@@ -29,6 +30,7 @@ Python and for the Lua scripts alike):
 ``p:seq``                      string  arrival counter for ``p:outbox``
 ``p:bell:jobs:<service>``      chan    published when that service's jobs are queued
 ``p:bell:reports``             chan    published when reports arrive
+``p:bell:ended``               chan    a request's id, published when it ends
 =============================  ======  ================================================
 
 Why sorted sets and not Streams or lists: a queued job carries the time it becomes due
@@ -45,12 +47,13 @@ across processes. ``commit`` applies a request's new state only if its version i
 one it was read at, and enqueues the jobs that became ready and drops the reports it
 consumed in the same script.
 
-When Redis goes away, calls retry with capped exponential backoff (about 30 s in all)
-before they fail; the engine and workers then keep retrying on their own, and workers
-keep their results until a report is acknowledged. A script whose reply was lost may be
-retried: ``create`` then finds its own key, ``report`` collapses duplicates, ``commit``
-finds the version moved (and the engine reads again), and jobs a lost ``lease`` reply
-handed out come back when their lease runs out.
+When Redis goes away, calls retry with capped exponential backoff (about 16 s in all;
+``?retries=N`` changes the count) before they fail; the engine and workers then keep
+retrying on their own, and workers keep their results until a report is acknowledged.
+A script whose reply was lost may be retried: ``create`` then finds its own key,
+``report`` collapses duplicates, ``commit`` finds the version moved (and the engine
+reads again), and jobs a lost ``lease`` reply handed out come back when their lease
+runs out.
 """
 
 from __future__ import annotations
@@ -85,6 +88,8 @@ from bach.errors import StoreError
 log = logging.getLogger("bach.redis")
 
 DEFAULT_PREFIX = "bach"
+#: Retries of a call while Redis is away: with backoff capped at 1 s, about 16 s in all.
+DEFAULT_RETRIES = 20
 STATUSES = ("PENDING", "RUNNING", "COMPLETE", "FAILED", "CANCELLED")
 TERMINAL = ("COMPLETE", "FAILED", "CANCELLED")
 
@@ -109,6 +114,7 @@ LAYOUT: dict[str, tuple[str, bool]] = {
     "seq": ("seq", False),
     "bell_jobs": ("bell:jobs", True),
     "bell_reports": ("bell:reports", False),
+    "bell_ended": ("bell:ended", False),
 }
 
 REQUEST_FIELDS = ("id", "key", "status", "version", "plan_id", "body", "created_at", "updated_at")
@@ -245,7 +251,10 @@ local function write_request(f, old_status)
     if old_status then redis.call('ZREM', K.status(old_status), f[1]) end
     redis.call('ZADD', K.status(f[3]), f[7], f[1])
   end
-  if TERMINAL[f[3]] then redis.call('ZADD', K.ended, f[8], f[1]) end
+  if TERMINAL[f[3]] then
+    redis.call('ZADD', K.ended, f[8], f[1])
+    if not TERMINAL[old_status or ''] then redis.call('PUBLISH', K.bell_ended, f[1]) end
+  end
 end
 """
 )
@@ -596,14 +605,17 @@ def _report(text: Any) -> Report:
     return Report(job_id, rid, task, attempt, ok, payload, worker, at, retryable)
 
 
-def parse_url(url: str) -> tuple[str, str]:
-    """Split Bach's own options off a Redis URL: (URL for redis-py, key prefix)."""
+def parse_url(url: str) -> tuple[str, str, int]:
+    """Split Bach's own options off a Redis URL: (URL for redis-py, key prefix, retries)."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
     prefix = query.pop("prefix", DEFAULT_PREFIX)
     if not prefix or any(c in prefix for c in " *?[]"):
         raise StoreError("store", f"prefix {prefix!r} in {url!r} must be a plain, non-empty name")
-    return urlunsplit(parts._replace(query=urlencode(query))), prefix
+    retries = query.pop("retries", str(DEFAULT_RETRIES))
+    if not retries.isdigit():
+        raise StoreError("store", f"retries {retries!r} in {url!r} must be a whole number")
+    return urlunsplit(parts._replace(query=urlencode(query))), prefix, int(retries)
 
 
 class _Bells:
@@ -617,6 +629,8 @@ class _Bells:
         self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._confirmed: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
         self._reader: asyncio.Task[None] | None = None
+        #: Payloads of channels whose messages carry data, until taken.
+        self._payloads: dict[str, list[str]] = defaultdict(list)
 
     async def subscribe(self, channel: str) -> None:
         confirmed = self._confirmed[channel]
@@ -630,12 +644,14 @@ class _Bells:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(confirmed.wait(), 2.0)
 
-    async def wait(self, channel: str, timeout: float) -> None:
+    async def wait(self, channel: str, timeout: float) -> list[str]:
+        """Wait for a ring; returns the payloads that came since the last wait."""
         await self.subscribe(channel)
         event = self._events[channel]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(event.wait(), timeout)
         event.clear()
+        return self._payloads.pop(channel, [])
 
     async def _read(self) -> None:
         assert self._pubsub is not None
@@ -657,6 +673,8 @@ class _Bells:
             if message["type"] == "subscribe":
                 self._confirmed[channel].set()
             else:
+                if message["data"]:
+                    self._payloads[channel].append(_text(message["data"]))
                 self._events[channel].set()
 
     async def close(self) -> None:
@@ -672,14 +690,15 @@ class _Bells:
 class RedisBackend:
     def __init__(self, url: str) -> None:
         self.url = url
-        client_url, self.prefix = parse_url(url)
+        client_url, self.prefix, retries = parse_url(url)
         self.keys = Keys(self.prefix)
         self._client: aioredis.Redis = aioredis.Redis.from_url(
             client_url,
-            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=40),
+            retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries=retries),
             retry_on_error=[RedisConnectionError, RedisTimeoutError],
             health_check_interval=30,
             socket_connect_timeout=2.0,
+            client_name=f"bach:{self.prefix}",
         )
         self._bells = _Bells(self._client)
         register = self._client.register_script
@@ -838,6 +857,9 @@ class RedisBackend:
 
     async def wait_reports(self, timeout: float) -> None:
         await self._bells.wait(self.keys.bell_reports, timeout)
+
+    async def wait_ended(self, timeout: float) -> list[str]:
+        return await self._bells.wait(self.keys.bell_ended, timeout)
 
     async def close(self) -> None:
         await self._bells.close()

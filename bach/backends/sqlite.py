@@ -473,6 +473,11 @@ class SqliteBackend:
     async def wait_reports(self, timeout: float) -> None:
         await self._bell.wait("reports", timeout)
 
+    async def wait_ended(self, timeout: float) -> list[str]:
+        # One engine per file, in practice: it wakes its own waiters as it ends requests.
+        await asyncio.sleep(timeout)
+        return []
+
     async def close(self) -> None:
         if self._closed:
             return

@@ -9,6 +9,7 @@ with the jobs that became ready. A commit that finds the request changed underne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -235,18 +236,37 @@ class Engine:
 
     async def run(self, poll: float = 0.5, housekeeping: float = 1.0) -> None:
         """Apply reports as they come until stop() is called."""
+        watcher = asyncio.create_task(self._watch_ended(), name="ended-watch")
         last_sweep = 0.0
-        while not self._stopping.is_set():
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if time.monotonic() - last_sweep >= housekeeping:
+                        await self.sweep()
+                        last_sweep = time.monotonic()
+                    if await self.step():
+                        continue
+                    await self.backend.wait_reports(poll)
+                except Exception:
+                    log.exception("engine step failed; retrying")
+                    await asyncio.sleep(poll)
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def _watch_ended(self) -> None:
+        """Hand requests that other engines end to this engine's waiters."""
+        while True:
             try:
-                if time.monotonic() - last_sweep >= housekeeping:
-                    await self.sweep()
-                    last_sweep = time.monotonic()
-                if await self.step():
-                    continue
-                await self.backend.wait_reports(poll)
-            except Exception:
-                log.exception("engine step failed; retrying")
-                await asyncio.sleep(poll)
+                for rid in await self.backend.wait_ended(1.0):
+                    if self._waiters.get(rid):
+                        self._wake(await self.get(rid))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("watching for ended requests failed (%s); retrying", exc)
+                await asyncio.sleep(1.0)
 
     def stop(self) -> None:
         self._stopping.set()
