@@ -176,7 +176,7 @@ def test_a_worker_killed_mid_job_hands_it_to_its_replacement(
 
             def held_by_victim() -> dict[str, Any] | None:
                 for rid in ids:
-                    request = httpx.get(f"{system.url}/api/requests/{rid}").json()
+                    request: dict[str, Any] = httpx.get(f"{system.url}/api/requests/{rid}").json()
                     job = request["jobs"].get("s2", {})
                     if job.get("worker") == f"{HOST}:{victim.pid}:Q":
                         return request
@@ -199,9 +199,8 @@ def test_a_worker_killed_mid_job_hands_it_to_its_replacement(
         assert attempts(request) == {t: ("COMPLETE", 1) for t in TASKS}, request
     counted = calls(log)
     assert set(counted) == all_steps(inputs)
-    # The killed run never got to log its call; a job may run at most twice anyway.
-    killed_step = ("s2", held["jobs"]["s1"]["result"])
-    assert 1 <= counted.pop(killed_step) <= 2
+    # The killed job ran twice: killed before it could log its call, then to the end once.
+    assert held["jobs"]["s1"]["result"] in {value for task, value in counted if task == "s2"}
     assert set(counted.values()) == {1}, counted
     # Every s2 ran in the replacement; the three of them took about 3 s after the kill.
     assert {c["pid"] for c in read_log(log) if c["task"] == "s2"} == {replacement.pid}
@@ -292,7 +291,7 @@ def test_dropped_connections_lose_nothing_and_run_nothing_twice(
         _, counted, after_fault = run_with_fault(tmp_path, redis_prefix, drop_connections)
     finally:
         admin.close()
-    assert all(n > 0 for n in killed), killed
+    assert killed[0] > 0, killed  # the system's connections were there to drop
     assert after_fault < 60 * len(TASKS), "the faults should land mid-flight"
     # A job whose lease reply was lost was never run: it comes back when its lease runs
     # out, and runs then, once.
