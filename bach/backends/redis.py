@@ -631,16 +631,21 @@ class _Bells:
         self._reader: asyncio.Task[None] | None = None
         #: Payloads of channels whose messages carry data, until taken.
         self._payloads: dict[str, list[str]] = defaultdict(list)
+        # One subscriber at a time: two first subscriptions at once would each open a
+        # connection, and the messages of the one left behind would never be read.
+        self._lock = asyncio.Lock()
 
     async def subscribe(self, channel: str) -> None:
         confirmed = self._confirmed[channel]
         if confirmed.is_set():
             return
-        if self._pubsub is None:
-            self._pubsub = self._client.pubsub()
-        await self._pubsub.subscribe(channel)
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read())
+        async with self._lock:
+            if self._pubsub is None:
+                self._pubsub = self._client.pubsub()
+            if channel not in self._pubsub.channels:
+                await self._pubsub.subscribe(channel)
+            if self._reader is None:
+                self._reader = asyncio.create_task(self._read())
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(confirmed.wait(), 2.0)
 

@@ -107,3 +107,19 @@ async def test_an_unreachable_redis_is_a_store_error_naming_it() -> None:
             await asyncio.wait_for(store.load("r1"), 60)
     finally:
         await store.close()
+
+
+async def test_first_waits_on_several_bells_at_once_all_get_their_rings(
+    pair: tuple[Backend, Backend],
+) -> None:
+    # An engine starts watching reports and ended requests at the same moment; both
+    # subscriptions must end up on the connection that is read.
+    one, two = pair
+    await asyncio.gather(one.wait_ended(0.01), one.wait_reports(0.01), one.wait_jobs("A", 0.01))
+    loop = asyncio.get_running_loop()
+    waiter = asyncio.create_task(one.wait_reports(5.0))
+    await asyncio.sleep(0.02)
+    started = loop.time()
+    await two.report([report(job("r1", "a"))])
+    await waiter
+    assert loop.time() - started < 1.0
