@@ -18,9 +18,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bach import __version__
-from bach.api.schemas import ErrorView, RequestList, RequestView, SubmitBody
+from bach.api.schemas import (
+    CommandBody,
+    ErrorView,
+    RequestList,
+    RequestView,
+    SubmitBody,
+)
+from bach.commands.runner import CommandRunner
 from bach.core.machine import Request as BachRequest
-from bach.errors import BachError, Conflict
+from bach.errors import BachError, Conflict, NotFound
 from bach.runtime.engine import Engine, Submission
 
 log = logging.getLogger("bach.api")
@@ -139,6 +146,38 @@ async def cancel(ref: str, engine: EngineDep) -> RequestView:
     if request.terminal:
         raise Conflict("status", f"request {request.id} has already ended ({request.status})")
     return await _view(engine, await engine.cancel(ref))
+
+
+def _runner(engine: Engine) -> CommandRunner:
+    if engine.commands is None:
+        raise NotFound("command", "this system runs no commands")
+    return engine.commands
+
+
+@router.post("/commands", status_code=201)
+async def submit_command(
+    body: CommandBody, response: Response, engine: EngineDep, wait: Wait = 0
+) -> dict[str, Any]:
+    """Start a command run (seed 004); answers at once with its CommandState tree, or
+    with the first run when the key was used before."""
+    runner = _runner(engine)
+    key = None if body.key is None else str(body.key)
+    items = [call.model_dump() for call in body.commands]
+    existing = key is not None and await engine.backend.load(key) is not None
+    run = await runner.submit(items, key)
+    if existing:
+        response.status_code = 200
+    if wait:
+        run = await runner.wait(run.id, wait)
+    return run.view()
+
+
+@router.get("/commands/{ref}")
+async def get_command(ref: str, engine: EngineDep, wait: Wait = 0) -> dict[str, Any]:
+    """A command run's CommandState tree, by id or key."""
+    runner = _runner(engine)
+    run = await (runner.wait(ref, wait) if wait else runner.get(ref))
+    return run.view()
 
 
 @router.get("/stats")

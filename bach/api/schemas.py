@@ -104,3 +104,27 @@ class ErrorBody(BaseModel):
 
 class ErrorView(BaseModel):
     error: ErrorBody
+
+
+class CommandCall(BaseModel):
+    """One top-level command of a run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    command: str = Field(description="the command's name")
+    request: Any = Field(None, description="its request: any JSON value")
+    name: str | None = Field(None, description="its key in the run (default: command)")
+
+
+class CommandBody(BaseModel):
+    """Seed 004's submission: a tracking key and the commands to run, in order."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [{"key": "order-7", "commands": [{"command": "CommandOne", "request": 1}]}]
+        },
+    )
+
+    key: str | int | None = Field(None, description="the same key again returns the same run")
+    commands: list[CommandCall] = Field(min_length=1)

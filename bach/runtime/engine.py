@@ -23,7 +23,9 @@ from typing import Any, TypeVar
 
 import psutil
 
-from bach.backends.port import Backend, Report, Transition
+from bach.backends.port import Backend, Report, RequestRecord, Transition
+from bach.commands.runner import CommandRunner, apply_service_reports
+from bach.commands.state import PLAN_ID as COMMAND_PLAN
 from bach.core import machine
 from bach.core.effects import Dispatch, Effect, Withdraw
 from bach.core.machine import Request
@@ -76,6 +78,8 @@ class Engine:
     ) -> None:
         self.backend = backend
         self.retain = retain
+        #: Runs durable commands, when the system has any.
+        self.commands: CommandRunner | None = None
         self.score = score
         self.clock = clock
         self.plans = Plans(backend)
@@ -128,14 +132,21 @@ class Engine:
             to_record(request), plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
         )
         if not created:
-            return await self.plans.request(stored), False
+            return await self._request(stored), False
         return request, True
+
+    async def _request(self, record: RequestRecord) -> Request:
+        if record.plan_id == COMMAND_PLAN:
+            raise NotFound(
+                "request", f"{record.id} is a command run: see /api/commands/{record.id}"
+            )
+        return await self.plans.request(record)
 
     async def get(self, ref: str) -> Request:
         record = await self.backend.load(ref)
         if record is None:
             raise NotFound("request", f"no request with id or key {ref!r}")
-        return await self.plans.request(record)
+        return await self._request(record)
 
     async def wait(self, ref: str, timeout: float, current: Request | None = None) -> Request:
         """The request once it has ended, or as it is when the timeout runs out.
@@ -158,14 +169,14 @@ class Engine:
 
     async def list_requests(self, status: str | None, limit: int) -> list[Request]:
         records = await self.backend.list_requests(status, limit)
-        return [await self.plans.request(r) for r in records]
+        return [await self.plans.request(r) for r in records if r.plan_id != COMMAND_PLAN]
 
     async def cancel(self, ref: str) -> Request:
         for _ in range(100):
             record = await self.backend.load(ref)
             if record is None:
                 raise NotFound("request", f"no request with id or key {ref!r}")
-            request = await self.plans.request(record)
+            request = await self._request(record)
             new, _ = machine.advance(request, machine.Cancelled(), self.clock())
             if new is request:
                 return request
@@ -195,6 +206,9 @@ class Engine:
             if record is None:  # a report for a request that is gone: drop it
                 steps.append(Transition(rid, 0, None, consumed=consumed))
                 continue
+            if record.plan_id == COMMAND_PLAN:  # a command run's call of a service
+                steps.append(apply_service_reports(record, batch, self.score, now))
+                continue
             request = await self.plans.request(record)
             new, effects = request, []
             for report in batch:
@@ -207,6 +221,8 @@ class Engine:
         for rid, ok in zip(grouped, results, strict=True):
             if ok and rid in ended:
                 self._wake(ended[rid])
+            elif ok and self.commands is not None:
+                self.commands.notify(rid)
         self.applied += sum(
             len(grouped[rid]) for rid, ok in zip(grouped, results, strict=True) if ok
         )
@@ -275,6 +291,9 @@ class Engine:
         """Put expired leases back, and at once those of workers on this host that died;
         forget requests that ended longer ago than ``retain``."""
         await self.backend.requeue_expired(self.clock())
+        if self.commands is not None:
+            await self.commands.heartbeat_due()
+            await self.commands.resume()
         if self.retain is not None:
             purged = await self.backend.purge(self.clock() - self.retain)
             if purged:

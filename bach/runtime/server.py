@@ -17,14 +17,18 @@ import signal
 import sys
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import uvicorn
 
 from bach.api.app import create_app
 from bach.backends import open_backend, store_url
-from bach.core.score import Score
+from bach.commands import command_name
+from bach.commands.runner import CommandRunner, Registry
+from bach.core.score import Score, Service, ServiceSpec
 from bach.errors import NotFound, ScoreError, StoreError
-from bach.runtime.engine import Engine
+from bach.plugins import Found, discover
+from bach.runtime.engine import Engine, is_dead_local_worker, worker_id
 from bach.runtime.invoke import check_service
 from bach.runtime.supervisor import Supervisor
 from bach.runtime.worker import Worker, drain
@@ -42,6 +46,8 @@ class ServeOptions:
     grace: float = 10.0
     #: Seconds ended requests are kept; None keeps them all.
     retain: float | None = None
+    #: Plugin modules named on the command line (``--plugin``).
+    plugins: tuple[str, ...] = ()
 
 
 class _Server(uvicorn.Server):
@@ -49,6 +55,50 @@ class _Server(uvicorn.Server):
     def capture_signals(self) -> Generator[None, None, None]:
         # Signals are ours: we stop the workers and the engine too, in order.
         yield
+
+
+def load_plugins(score: Score, extra: Sequence[str] = ()) -> tuple[Registry, Found]:
+    """Installed plugins, the score's ``plugins`` and ``extra`` modules: their commands
+    in a registry, their services added to the score. A plugin that cannot load, or
+    clashes with what is already there, is reported as broken; the others load."""
+    base = os.path.dirname(os.path.abspath(score.files[0])) if score.files else None
+    found = discover([*score.plugins, *extra], base_dir=None if base is None else Path(base))
+    registry = Registry()
+    good = []
+    for plugin in found.plugins:
+        try:
+            for cls in plugin.commands:
+                registry.add(cls, plugin.name)
+            for name, spec in plugin.services.items():
+                if name in score.services:
+                    raise ValueError(f"service {name!r} is already in the score")
+                service = Service(
+                    name,
+                    ServiceSpec.model_validate(spec),
+                    plugin.base_dir or Path.cwd(),
+                    f"plugin {plugin.name}",
+                )
+                score.services[name] = service
+            good.append(plugin)
+        except Exception as exc:
+            found.broken.append((plugin.name, getattr(exc, "reason", None) or str(exc)))
+    found.plugins = good
+    return registry, found
+
+
+def log_plugins(found: Found) -> None:
+    for plugin in found.plugins:
+        commands = ", ".join(sorted(command_name(c) for c in plugin.commands)) or "none"
+        services = ", ".join(sorted(plugin.services)) or "none"
+        log.info(
+            "plugin %s (%s): commands %s; services %s",
+            plugin.name,
+            plugin.origin,
+            commands,
+            services,
+        )
+    for name, reason in found.broken:
+        log.error("plugin %s is broken and was not loaded: %s", name, reason)
 
 
 def check_score(score: Score) -> None:
@@ -77,12 +127,22 @@ def _dump_tasks() -> None:
         log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
 
-async def serve(score: Score, options: ServeOptions) -> None:
+async def serve(score: Score, options: ServeOptions, registry: Registry | None = None) -> None:
     store = store_url(options.store)
     backend = open_backend(store)
     engine = Engine(backend, score, retain=options.retain)
+    engine.commands = CommandRunner(
+        backend,
+        score,
+        registry or Registry(),
+        owner=worker_id("engine"),
+        clock=engine.clock,
+        is_dead=is_dead_local_worker,
+    )
     in_process = store.startswith("memory:")
-    supervisor = Supervisor(score, backend, store, in_process=in_process, grace=options.grace)
+    supervisor = Supervisor(
+        score, backend, store, in_process=in_process, grace=options.grace, plugins=options.plugins
+    )
 
     async def instances() -> dict[str, object]:
         return {
@@ -138,6 +198,8 @@ async def _shutdown(
     server: _Server, supervisor: Supervisor, engine: Engine, tasks: Sequence[asyncio.Task[None]]
 ) -> None:
     server.should_exit = True
+    if engine.commands is not None:
+        await engine.commands.close()
     await supervisor.stop()
     # Apply what the workers reported while stopping.
     with contextlib.suppress(Exception):
@@ -159,8 +221,12 @@ async def run_worker(
     concurrency: int = 1,
     grace: float = 10.0,
     lease: float = 15.0,
+    plugins: Sequence[str] = (),
 ) -> int:
     """Serve one service until SIGTERM. Returns the process exit status."""
+    _, loaded = load_plugins(score, plugins)
+    for name, reason in loaded.broken:
+        log.error("plugin %s is broken and was not loaded: %s", name, reason)
     found = score.services.get(service)
     if found is None:
         known = ", ".join(sorted(score.services)) or "none"

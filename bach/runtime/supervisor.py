@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from bach.backends.port import Backend
@@ -50,8 +51,10 @@ class Supervisor:
         *,
         in_process: bool = False,
         grace: float = 10.0,
+        plugins: Sequence[str] = (),
     ) -> None:
         self.score = score
+        self.plugins = list(plugins)
         self.backend = backend
         self.store = store
         self.in_process = in_process
@@ -89,6 +92,8 @@ class Supervisor:
         cmd += ["--parent-pid", str(os.getpid())]
         for file in self.score.files:
             cmd += ["--score", file]
+        for plugin in self.plugins:
+            cmd += ["--plugin", plugin]
         return cmd
 
     async def start(self) -> None:

@@ -1,0 +1,502 @@
+"""Running commands durably: checkpoints, resume after a crash, service calls.
+
+A run is owned by one engine at a time (``owner``, with a lease it pushes out while it
+lives). The owner executes the run's top-level commands in order; each child call made
+through ``context.execute`` is looked up by its key (alias, else command name) in the
+parent's stored children: a COMPLETE child returns its stored response, a FAILED one
+raises its stored error, anything else runs. A child's end is one durable commit of
+the run's tree, so a crash loses at most the children that were running.
+
+When the owner dies (its process is gone from this host, or its lease ran out), any
+engine claims the run and executes it again from the top; completed children come
+from the store. A call to a score service is a job on that service's queue, committed
+with the run's tree; whichever engine reads the worker's report applies it to the tree
+(``apply_service_reports``) and the owner picks the response up from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from bach.backends.port import Backend, JobRecord, Report, RequestRecord, Transition
+from bach.commands import CommandFailed, DuplicateAlias, command_name, is_command
+from bach.commands.state import PLAN_ID, Node, Run, Status, error_of
+from bach.core.score import Score
+from bach.errors import BachError, InvalidInput, NotFound
+
+log = logging.getLogger("bach.commands")
+
+#: Seconds an owner's claim on a run lasts without being pushed out.
+LEASE = 30.0
+
+
+class CommandDiverged(BachError):
+    """A stored child's command differs from the one the code now calls by that key."""
+
+    status = 409
+
+
+class RunLost(Exception):
+    """Another engine has claimed this run: stop executing it here."""
+
+
+class Registry:
+    """Commands by name, from plugins."""
+
+    def __init__(self) -> None:
+        self.commands: dict[str, type] = {}
+        self.sources: dict[str, str] = {}
+
+    def add(self, cls: type, source: str) -> None:
+        if not is_command(cls):
+            raise InvalidInput("command", f"{cls!r} from {source} has no execute method")
+        name = command_name(cls)
+        if name in self.commands and self.commands[name] is not cls:
+            raise InvalidInput(
+                "command", f"{name!r} from {source} is already defined by {self.sources[name]}"
+            )
+        self.commands[name] = cls
+        self.sources[name] = source
+
+    def get(self, name: str) -> type:
+        if name not in self.commands:
+            known = ", ".join(sorted(self.commands)) or "none"
+            raise NotFound("command", f"unknown command {name!r} (known: {known})")
+        return self.commands[name]
+
+
+def _jsonable(value: Any, what: str) -> Any:
+    """The value as it will read back from the store (tuples become lists, and so on)."""
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(what, f"is not JSON-able: {exc}") from None
+
+
+def _record(run: Run, version: int, created_at: float, now: float) -> RequestRecord:
+    return RequestRecord(
+        run.id,
+        run.key,
+        run.status.value,
+        version,
+        PLAN_ID,
+        json.dumps(run.to_body()),
+        created_at,
+        now,
+    )
+
+
+def load_run(record: RequestRecord) -> Run:
+    return Run.from_body(record.id, record.key, record.status, json.loads(record.body))
+
+
+def _service_job(
+    run_id: str, node: Node, path: str, score: Score, available_at: float
+) -> JobRecord:
+    assert node.service is not None
+    spec = score.services[node.service].spec
+    return JobRecord(
+        f"{run_id}/{path}/{node.attempts}",
+        run_id,
+        path,
+        node.attempts,
+        node.service,
+        json.dumps(node.request),
+        available_at,
+        spec.timeout,
+    )
+
+
+def apply_service_reports(
+    record: RequestRecord, reports: Sequence[Report], score: Score, now: float
+) -> Transition:
+    """Apply workers' reports on a run's service calls to its stored tree (engine side)."""
+    run = load_run(record)
+    enqueue: list[JobRecord] = []
+    changed = False
+    for report in reports:
+        node = run.root.find(report.task.split("/"))
+        if node is None or node.service is None or node.ended or node.job != report.job_id:
+            continue  # stale: a duplicate, or an attempt already superseded
+        changed = True
+        if report.ok:
+            node.status, node.response, node.error = (
+                Status.COMPLETE,
+                json.loads(report.payload),
+                None,
+            )
+            continue
+        node.error = {"type": "ServiceError", "message": report.payload}
+        service = score.services.get(node.service)
+        spec = service.spec if service is not None else None
+        if spec is not None and report.retryable and node.attempts <= spec.retries:
+            delay = min(spec.max_backoff, spec.backoff * 2 ** (node.attempts - 1))
+            node.attempts += 1
+            job = _service_job(run.id, node, report.task, score, now + delay)
+            node.job, node.status = job.id, Status.PENDING
+            enqueue.append(job)
+        else:
+            node.status = Status.FAILED
+    consumed = tuple(r.job_id for r in reports)
+    if not changed:
+        return Transition(record.id, record.version, None, consumed=consumed)
+    new = _record(run, record.version + 1, record.created_at, now)
+    return Transition(record.id, record.version, new, tuple(enqueue), consumed)
+
+
+@dataclass
+class _Live:
+    """A run this engine executes: the owner's copy of the tree."""
+
+    run: Run
+    version: int
+    created_at: float
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class _Context:
+    def __init__(self, runner: CommandRunner, live: _Live, node: Node, path: list[str]) -> None:
+        self._runner, self._live, self._node, self._path = runner, live, node, path
+        self._used: set[str] = set()
+
+    @property
+    def run_id(self) -> str:
+        return self._live.run.id
+
+    @property
+    def name(self) -> str:
+        return self._node.name
+
+    def _call(self, command: Any, request: Any, alias: str | None) -> Any:
+        return self._runner.call(
+            self._live, self._node, self._path, command, request, alias, self._used
+        )
+
+
+class SyncContext(_Context):
+    """What a (sync) command's ``execute`` gets: ``context.execute(...)`` blocks."""
+
+    def __init__(self, *args: Any, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(*args)
+        self._loop = loop
+
+    def execute(self, command: Any, request: Any = None, alias: str | None = None) -> Any:
+        future = asyncio.run_coroutine_threadsafe(self._call(command, request, alias), self._loop)
+        return future.result()
+
+
+class AsyncContext(_Context):
+    """What an ``async def execute`` gets: ``await context.execute(...)``."""
+
+    async def execute(self, command: Any, request: Any = None, alias: str | None = None) -> Any:
+        return await self._call(command, request, alias)
+
+
+class CommandRunner:
+    def __init__(
+        self,
+        backend: Backend,
+        score: Score,
+        registry: Registry,
+        owner: str,
+        clock: Callable[[], float] = time.time,
+        is_dead: Callable[[str], bool] = lambda owner: False,
+    ) -> None:
+        self.backend = backend
+        self.score = score
+        self.registry = registry
+        self.owner = owner
+        self.clock = clock
+        self.is_dead = is_dead
+        self._live: dict[str, _Live] = {}
+        self._pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="bach-command")
+        self._closing = False
+
+    # -- the API side --------------------------------------------------------------------
+
+    def _names(self, items: Sequence[dict[str, Any]]) -> list[tuple[str, str, Any]]:
+        if not items:
+            raise InvalidInput("commands", "give at least one command to run")
+        out: list[tuple[str, str, Any]] = []
+        for i, item in enumerate(items):
+            name = item["command"]
+            self.registry.get(name)
+            alias = item.get("name") or name
+            self._check_alias(alias, f"commands[{i}].name")
+            if alias in {seen for seen, _, _ in out}:
+                raise InvalidInput(
+                    f"commands[{i}].name",
+                    f"{alias!r} is used twice; give repeated commands their own 'name'",
+                )
+            out.append((alias, name, _jsonable(item.get("request"), f"commands[{i}].request")))
+        return out
+
+    async def submit(self, items: Sequence[dict[str, Any]], key: str | None = None) -> Run:
+        """Store a new run and start it; the same key again returns the first run."""
+        if key is not None and not key:
+            raise InvalidInput("key", "the key must not be empty")
+        calls = self._names(items)
+        rid = str(uuid.uuid4())
+        now = self.clock()
+        root = Node(command="", name="", request=None, status=Status.RUNNING)
+        for alias, name, request in calls:
+            root.children[alias] = Node(command=name, name=alias, request=request)
+        run = Run(rid, key or rid, root, owner=self.owner, lease_until=now + LEASE)
+        record = _record(run, 0, now, now)
+        stored, created = await self.backend.create(record, PLAN_ID, "{}", [])
+        if not created:
+            if stored.plan_id != PLAN_ID:
+                raise InvalidInput("key", f"{key!r} is the key of a request, not a command run")
+            return await self.get(stored.id)
+        self._start(_Live(run, 0, now))
+        return run
+
+    async def get(self, ref: str) -> Run:
+        record = await self.backend.load(ref)
+        if record is None or record.plan_id != PLAN_ID:
+            raise NotFound("command", f"no command run with id or key {ref!r}")
+        live = self._live.get(record.id)
+        return live.run if live is not None else load_run(record)
+
+    async def wait(self, ref: str, timeout: float) -> Run:
+        deadline = time.monotonic() + timeout
+        run = await self.get(ref)
+        while not run.ended and (left := deadline - time.monotonic()) > 0:
+            live = self._live.get(run.id)
+            with contextlib.suppress(TimeoutError):
+                if live is not None:
+                    await asyncio.wait_for(live.done.wait(), min(left, 0.5))
+                else:
+                    await asyncio.sleep(min(left, 0.2))
+            run = await self.get(run.id)
+        return run
+
+    # -- ownership -----------------------------------------------------------------------
+
+    async def resume(self) -> int:
+        """Claim runs whose owner is gone and execute them again from the top."""
+        if self._closing:
+            return 0
+        claimed = 0
+        now = self.clock()
+        for status in (Status.PENDING, Status.RUNNING):
+            for record in await self.backend.list_requests(status.value, limit=1000):
+                if record.plan_id != PLAN_ID or record.id in self._live:
+                    continue
+                run = load_run(record)
+                orphaned = run.owner is None or run.lease_until < now or self.is_dead(run.owner)
+                if not orphaned:
+                    continue
+                previous = run.owner
+                run.owner, run.lease_until = self.owner, now + LEASE
+                new = _record(run, record.version + 1, record.created_at, now)
+                if (await self.backend.commit([Transition(run.id, record.version, new)]))[0]:
+                    log.info("resuming command run %s (was %s's)", run.id, previous)
+                    self._start(_Live(run, record.version + 1, record.created_at))
+                    claimed += 1
+        return claimed
+
+    async def heartbeat_due(self) -> None:
+        """Push out the leases of the runs this engine executes, a third of a lease
+        before they would run out."""
+        now = self.clock()
+        for live in list(self._live.values()):
+            if live.run.lease_until - now > LEASE * 2 / 3:
+                continue
+            live.run.lease_until = self.clock() + LEASE
+            with contextlib.suppress(RunLost):
+                await self._save(live)
+
+    def notify(self, run_id: str) -> None:
+        """An engine applied a service result to this run: let its owner look."""
+        live = self._live.get(run_id)
+        if live is not None:
+            live.changed.set()
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop: runs still executing stay RUNNING in the store and resume elsewhere."""
+        self._closing = True
+        tasks = [live.task for live in self._live.values() if live.task is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- execution -----------------------------------------------------------------------
+
+    def _start(self, live: _Live) -> None:
+        self._live[live.run.id] = live
+        live.task = asyncio.create_task(self._execute(live), name=f"command {live.run.id}")
+
+    async def _execute(self, live: _Live) -> None:
+        run = live.run
+        try:
+            run.status = Status.RUNNING
+            await self._save(live)
+            used: set[str] = set()
+            for name, node in list(run.root.children.items()):
+                try:
+                    await self.call(live, run.root, [], node.command, node.request, name, used)
+                except CommandFailed as exc:
+                    run.status, run.error = Status.FAILED, exc.error
+                    break
+            else:
+                run.status = Status.COMPLETE
+            await self._save(live)
+        except RunLost:
+            log.warning("command run %s was claimed by another engine; leaving it", run.id)
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("command run %s: could not store its state; it will resume", run.id)
+        finally:
+            self._live.pop(run.id, None)
+            live.done.set()
+
+    def _check_alias(self, alias: str, field: str) -> None:
+        if not alias or "/" in alias:
+            raise DuplicateAlias(field, f"{alias!r}: a name must be non-empty, without '/'")
+
+    async def call(
+        self,
+        live: _Live,
+        parent: Node,
+        path: list[str],
+        command: Any,
+        request: Any,
+        alias: str | None,
+        used: set[str],
+    ) -> Any:
+        """One checkpointed child call of ``parent``."""
+        if is_command(command):
+            target, cls, service = command_name(command), command, None
+            self.registry.commands.setdefault(target, command)
+        elif isinstance(command, str) and command in self.registry.commands:
+            target, cls, service = command, self.registry.commands[command], None
+        elif isinstance(command, str) and command in self.score.services:
+            target, cls, service = command, None, command
+        else:
+            known = sorted([*self.registry.commands, *self.score.services])
+            raise NotFound(
+                "command", f"{command!r} is neither a command nor a service (known: {known})"
+            )
+        name = alias or target
+        self._check_alias(name, "alias")
+        where = "/".join(path) or "the run"
+        if name in used:
+            raise DuplicateAlias(
+                "alias",
+                f"{name!r} is called twice in one execution of {where}: each call is "
+                "checkpointed by its key, so repeated calls need their own alias "
+                "(context.execute(..., alias='step-1'))",
+            )
+        used.add(name)
+        node = parent.children.get(name)
+        if node is not None and node.command != target:
+            raise CommandDiverged(
+                "alias",
+                f"{name!r} in {where} was a call of {node.command} when this run began, "
+                f"and is now a call of {target}",
+            )
+        if node is None:
+            request = _jsonable(request, f"request of {name!r}")
+            node = Node(command=target, name=name, request=request, service=service)
+            parent.children[name] = node
+        if node.status == Status.COMPLETE:
+            return node.response
+        if node.status == Status.FAILED:
+            assert node.error is not None
+            raise CommandFailed(name, node.error)
+        if service is not None:
+            return await self._call_service(live, node, "/".join([*path, name]))
+        assert cls is not None
+        return await self._run_command(live, node, [*path, name], cls)
+
+    async def _run_command(self, live: _Live, node: Node, path: list[str], cls: type) -> Any:
+        loop = asyncio.get_running_loop()
+        while True:
+            node.status, node.attempts = Status.RUNNING, node.attempts + 1
+            retryable = True
+            try:
+                instance = cls()
+                if inspect.iscoroutinefunction(cls.execute):  # type: ignore[attr-defined]
+                    response = await instance.execute(
+                        AsyncContext(self, live, node, path), node.request
+                    )
+                else:
+                    context = SyncContext(self, live, node, path, loop=loop)
+                    response = await loop.run_in_executor(
+                        self._pool, instance.execute, context, node.request
+                    )
+                response = _jsonable(response, f"response of {node.name!r}")
+            except (RunLost, asyncio.CancelledError):
+                raise
+            except Exception as exc:
+                # A bug in the command's own code is not worth a retry.
+                retryable = not isinstance(exc, (InvalidInput, DuplicateAlias, CommandDiverged))
+                node.error = error_of(exc)
+                if retryable and node.attempts <= getattr(cls, "retries", 0):
+                    node.status = Status.PENDING
+                    await self._save(live)
+                    await asyncio.sleep(getattr(cls, "backoff", 1.0) * 2 ** (node.attempts - 1))
+                    continue
+                node.status = Status.FAILED
+                await self._save(live)
+                raise CommandFailed(node.name, node.error) from None
+            node.status, node.response, node.error = Status.COMPLETE, response, None
+            await self._save(live)
+            return response
+
+    async def _call_service(self, live: _Live, node: Node, path: str) -> Any:
+        if node.job is None:
+            node.attempts += 1
+            job = _service_job(live.run.id, node, path, self.score, self.clock())
+            node.job, node.status = job.id, Status.RUNNING
+            await self._save(live, (job,))
+        while not node.ended:
+            live.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.changed.wait(), 0.5)
+            await self._refresh(live)
+        if node.status == Status.FAILED:
+            assert node.error is not None
+            raise CommandFailed(node.name, node.error)
+        return node.response
+
+    async def _refresh(self, live: _Live) -> None:
+        """Take what other engines wrote (service results) into the owner's copy."""
+        record = await self.backend.load(live.run.id)
+        if record is None:
+            raise RunLost(live.run.id)
+        stored = load_run(record)
+        if stored.owner != self.owner:
+            raise RunLost(live.run.id)
+        if record.version != live.version:
+            live.run.merge_ended_from(stored)
+            live.version = record.version
+
+    async def _save(self, live: _Live, enqueue: tuple[JobRecord, ...] = ()) -> None:
+        async with live.lock:
+            for _ in range(100):
+                now = self.clock()
+                record = _record(live.run, live.version + 1, live.created_at, now)
+                step = Transition(live.run.id, live.version, record, enqueue)
+                if (await self.backend.commit([step]))[0]:
+                    live.version += 1
+                    return
+                await self._refresh(live)
+            raise RuntimeError(f"command run {live.run.id} kept changing while being saved")
