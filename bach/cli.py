@@ -445,3 +445,106 @@ def status(server: str, token: str | None, as_json: bool) -> None:
             f"  {name:<16} queued={s.get('queued', 0)} running={s.get('running', 0)}"
             f" instances={s.get('instances', '-')}"
         )
+
+
+def _show_tree(run: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(run, indent=2))
+        return
+    click.echo(f"command run {run['id']} (key {run['key']}): {run['status']}")
+    if run.get("error"):
+        click.echo(f"error: {run['error']['type']}: {run['error']['message']}")
+
+    def walk(children: dict[str, Any], depth: int) -> None:
+        for name, node in children.items():
+            label = name if name == node["command"] else f"{name} ({node['command']})"
+            line = f"{'  ' * depth}{label}: {node['status']} request={json.dumps(node['request'])}"
+            if node["status"] == "COMPLETE":
+                line += f" response={json.dumps(node['response'])}"
+            if node.get("error") and node["status"] != "COMPLETE":
+                line += f" error={node['error']['type']}: {node['error']['message']}"
+            click.echo(line)
+            walk(node.get("children", {}), depth + 1)
+
+    walk(run["children"], 1)
+
+
+@main.group()
+def command() -> None:
+    """Run durable commands (seed 004) on a running system."""
+
+
+@command.command(name="run")
+@click.argument("name")
+@click.option("--request", "request_text", help="the request, as JSON (a bare word is a string)")
+@click.option("--key", help="tracking key; the same key twice gives the same run")
+@click.option("--wait", is_flag=True, help="wait for the run to end and print its tree")
+@click.option("--timeout", default=300.0, show_default=True, help="longest --wait, seconds")
+@server_option
+@token_option
+@json_option
+@_errors_to_exit
+def command_run(
+    name: str,
+    request_text: str | None,
+    key: str | None,
+    wait: bool,
+    timeout: float,
+    server: str,
+    token: str | None,
+    as_json: bool,
+) -> None:
+    """Start command NAME with a request."""
+    with Client(server, token) as client:
+        run = client.run_command(
+            name, _parse_input(request_text), key=key, wait=timeout if wait else 0
+        )
+    _show_tree(run, as_json)
+    if wait and run["status"] != "COMPLETE":
+        sys.exit(1)
+
+
+@command.command(name="get")
+@click.argument("ref")
+@click.option("--wait", is_flag=True, help="wait for the run to end")
+@click.option("--timeout", default=300.0, show_default=True)
+@server_option
+@token_option
+@json_option
+@_errors_to_exit
+def command_get(
+    ref: str, wait: bool, timeout: float, server: str, token: str | None, as_json: bool
+) -> None:
+    """Show a command run (by id or key) as its tree of calls."""
+    with Client(server, token) as client:
+        run = client.wait_command(ref, timeout) if wait else client.get_command(ref)
+    _show_tree(run, as_json)
+
+
+@main.command()
+@click.option(
+    "--score",
+    "scores",
+    multiple=True,
+    type=click.Path(dir_okay=False),
+    help="also the plugins these score files name",
+)
+@plugin_option
+def plugins(scores: tuple[str, ...], plugins: tuple[str, ...]) -> None:
+    """List the plugins found: installed ones, and those named by scores or --plugin."""
+    from bach.commands import command_name
+    from bach.core.score import Score
+    from bach.runtime.server import load_plugins
+
+    score = _load(scores) if scores else Score()
+    _, found = load_plugins(score, plugins)
+    for plugin in found.plugins:
+        commands = ", ".join(sorted(command_name(c) for c in plugin.commands)) or "-"
+        services = ", ".join(sorted(plugin.services)) or "-"
+        click.echo(f"{plugin.name}  ({plugin.origin})  commands: {commands}  services: {services}")
+    for name, reason in found.broken:
+        click.echo(f"{name}  BROKEN: {reason}", err=True)
+    if not found.plugins and not found.broken:
+        click.echo("no plugins found")
+    if found.broken:
+        sys.exit(2)

@@ -107,6 +107,39 @@ class Client:
         result: dict[str, Any] = self._call("DELETE", f"/api/requests/{ref}")
         return result
 
+    def run_command(
+        self,
+        command: str,
+        request: Any = None,
+        *,
+        key: str | None = None,
+        name: str | None = None,
+        wait: float = 0,
+    ) -> dict[str, Any]:
+        """Start a command run; with ``wait``, return it once it has ended."""
+        call: dict[str, Any] = {"command": command, "request": request}
+        if name:
+            call["name"] = name
+        body: dict[str, Any] = {"commands": [call]}
+        if key is not None:
+            body["key"] = key
+        run: dict[str, Any] = self._call("POST", "/api/commands", json=body)
+        return self.wait_command(run["id"], wait) if wait else run
+
+    def get_command(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("GET", f"/api/commands/{ref}")
+        return result
+
+    def wait_command(self, ref: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, min(deadline - time.monotonic(), 300))
+            result: dict[str, Any] = self._call(
+                "GET", f"/api/commands/{ref}", params={"wait": left}, wait=left
+            )
+            if result["status"] in ENDED or left <= 0:
+                return result
+
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/api/stats")
         return result

@@ -89,7 +89,7 @@ def discover(modules: Sequence[str] = (), base_dir: Path | None = None) -> Found
             found.broken.append((entry.name, f"{type(exc).__name__}: {exc}"))
     for ref in modules:
         try:
-            obj = load_object(ref if ":" in ref else f"{ref}:", base_dir, field="plugin")
+            obj = load_object(ref, base_dir, field="plugin")
             found.plugins.append(_from_object(ref, f"module {ref}", obj))
         except Exception as exc:
             reason = exc.reason if isinstance(exc, BachError) else f"{type(exc).__name__}: {exc}"

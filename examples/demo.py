@@ -1,5 +1,5 @@
-"""`make demo`: start a Bach system, send it seed 002's examples from other processes,
-print the results with their traces, and stop it.
+"""`make demo`: start a Bach system, send it seed 002's examples and seed 004's command
+from other processes, print the results with their traces, and stop it.
 
 The system runs on the default store (a SQLite file under ./.bach/).
 """
@@ -49,6 +49,10 @@ def main() -> None:
         print("\nClient X's contract (adjust, resize, watermark) on a stand-in image")
         image = '{"name": "cat.jpg", "width": 4000, "height": 3000, "brightness": 0.3}'
         client("submit", "--client", "X", "--input", image, "--wait", "--server", url)
+        print("\nSeed 004: CommandOne calls CommandTwo (+2) with its request, adds 1")
+        client("command", "run", "CommandOne", "--request", "1", "--wait", "--server", url)
+        print("\nA command that calls the score's services A and B as durable steps")
+        client("command", "run", "AddThenDouble", "--request", "5", "--wait", "--server", url)
         client("status", "--server", url)
     finally:
         serve.send_signal(signal.SIGTERM)
