@@ -382,6 +382,8 @@ class CommandRunner:
         used: set[str],
     ) -> Any:
         """One checkpointed child call of ``parent``."""
+        if self._closing:  # a sync command's thread outlived its runner
+            raise RunLost(live.run.id)
         if is_command(command):
             target, cls, service = command_name(command), command, None
             self.registry.commands.setdefault(target, command)
@@ -445,6 +447,7 @@ class CommandRunner:
                 response = _jsonable(response, f"response of {node.name!r}")
             except (RunLost, asyncio.CancelledError):
                 raise
+
             except Exception as exc:
                 # A bug in the command's own code is not worth a retry.
                 retryable = not isinstance(exc, (InvalidInput, DuplicateAlias, CommandDiverged))
@@ -490,6 +493,8 @@ class CommandRunner:
             live.version = record.version
 
     async def _save(self, live: _Live, enqueue: tuple[JobRecord, ...] = ()) -> None:
+        if self._closing:
+            raise RunLost(live.run.id)
         async with live.lock:
             for _ in range(100):
                 now = self.clock()

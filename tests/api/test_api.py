@@ -165,3 +165,59 @@ def test_a_token_protects_the_api(tmp_path: Path) -> None:
         allowed = client.get("/api/stats", headers={"Authorization": "Bearer s3cret"})
         assert allowed.status_code == 200
         assert client.get("/healthz").status_code == 200
+
+
+# -- durable commands (seed 004) --------------------------------------------------------
+
+
+def test_seed_004_command_answers_at_once_then_completes(http: httpx.Client) -> None:
+    body = {"key": 0, "commands": [{"command": "CommandOne", "request": 1}]}
+    answer = http.post("/api/commands", json=body)
+    assert answer.status_code == 201, answer.text
+    state = answer.json()
+    assert set(state) >= {"id", "status", "children"} and state["key"] == "0"
+    one = state["children"]["CommandOne"]
+    assert set(one) >= {"id", "status", "command", "name", "request", "response", "children"}
+    assert (one["command"], one["request"]) == ("CommandOne", 1)
+    done = http.get(f"/api/commands/{state['id']}", params={"wait": 10}).json()
+    assert done["status"] == "COMPLETE"
+    one = done["children"]["CommandOne"]
+    assert (one["status"], one["response"]) == ("COMPLETE", 4)
+    two = one["children"]["CommandTwo"]
+    assert (two["status"], two["request"], two["response"]) == ("COMPLETE", 1, 3)
+    again = http.post("/api/commands", json=body)
+    assert again.status_code == 200 and again.json()["id"] == state["id"]
+    assert http.get("/api/commands/0").json()["id"] == state["id"]  # by key
+
+
+def test_a_command_calls_score_services_as_durable_steps(http: httpx.Client) -> None:
+    body = {"commands": [{"command": "AddThenDouble", "request": 5}]}
+    state = http.post("/api/commands", params={"wait": 20}, json=body).json()
+    assert state["status"] == "COMPLETE", state
+    node = state["children"]["AddThenDouble"]
+    assert node["response"] == 14
+    assert {n: (c["service"], c["response"]) for n, c in node["children"].items()} == {
+        "A": ("A", 7),
+        "B": ("B", 14),
+    }
+
+
+def test_command_errors_name_the_field(http: httpx.Client) -> None:
+    unknown = http.post("/api/commands", json={"commands": [{"command": "Nope"}]})
+    assert unknown.status_code == 404
+    assert error_of(unknown)["field"] == "command" and "'Nope'" in error_of(unknown)["reason"]
+    malformed = http.post("/api/commands", json={"commands": [{"request": 1}]})
+    assert malformed.status_code == 422 and "command" in error_of(malformed)["field"]
+    empty = http.post("/api/commands", json={"commands": []})
+    assert empty.status_code == 422
+    not_json = http.post(
+        "/api/commands", content=b"{nope", headers={"content-type": "application/json"}
+    )
+    assert not_json.status_code == 400
+    assert http.get("/api/commands/no-such-run").status_code == 404
+    looping = http.post(
+        "/api/commands",
+        params={"wait": 10},
+        json={"commands": [{"command": "LoopingCommand", "request": 2}]},
+    ).json()
+    assert looping["children"]["LoopingCommand"]["response"] == 5  # 2 + 3
