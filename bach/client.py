@@ -87,12 +87,13 @@ class Client:
 
     def wait(self, ref: str, timeout: float) -> dict[str, Any]:
         """The request once it has ended (or as it is when the timeout runs out)."""
+        return self._wait(f"/api/requests/{ref}", timeout)
+
+    def _wait(self, path: str, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             left = max(0.0, min(deadline - time.monotonic(), 300))
-            result: dict[str, Any] = self._call(
-                "GET", f"/api/requests/{ref}", params={"wait": left}, wait=left
-            )
+            result: dict[str, Any] = self._call("GET", path, params={"wait": left}, wait=left)
             if result["status"] in ENDED or left <= 0:
                 return result
 
@@ -131,14 +132,7 @@ class Client:
         return result
 
     def wait_command(self, ref: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            left = max(0.0, min(deadline - time.monotonic(), 300))
-            result: dict[str, Any] = self._call(
-                "GET", f"/api/commands/{ref}", params={"wait": left}, wait=left
-            )
-            if result["status"] in ENDED or left <= 0:
-                return result
+        return self._wait(f"/api/commands/{ref}", timeout)
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/api/stats")

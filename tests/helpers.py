@@ -67,6 +67,15 @@ def start_system(
     return System(match.group(0), proc, log)
 
 
+def pull_plug(system: System) -> None:
+    """The whole system dies at once, workers included, as in a power cut."""
+    victims = [psutil.Process(system.process.pid), *system.children()]
+    for proc in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(victims, timeout=10)
+
+
 def stop(proc: subprocess.Popen[str], timeout: float = 30) -> None:
     """SIGTERM, then SIGKILL for the process and anything it left behind."""
     try:

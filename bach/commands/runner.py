@@ -345,8 +345,8 @@ class CommandRunner:
     async def _execute(self, live: _Live) -> None:
         run = live.run
         try:
+            # Stored as RUNNING with its first checkpoint: one commit fewer per run.
             run.status = Status.RUNNING
-            await self._save(live)
             used: set[str] = set()
             for name, node in list(run.root.children.items()):
                 try:

@@ -7,11 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from tests.conftest import redis_store, require_redis
-from tests.helpers import bach, running_system, start_system, stop
+from tests.helpers import bach, pull_plug, running_system, start_system, stop
 
 pytestmark = pytest.mark.slow
 
@@ -82,11 +81,7 @@ def test_pulled_plug_resumes_without_running_a_completed_child_again(
             time.sleep(0.05)
         assert state["status"] == "RUNNING", state
         assert state["children"]["PlugPulled"]["status"] == "RUNNING"
-        # The plug is pulled: the whole system dies at once.
-        victims = [psutil.Process(first.process.pid), *first.children()]
-        for proc in victims:
-            proc.kill()
-        psutil.wait_procs(victims, timeout=10)
+        pull_plug(first)  # mid-flight, workers included
     finally:
         stop(first.process)
     assert calls(tmp_path, "one") == 1 and calls(tmp_path, "two") == 0

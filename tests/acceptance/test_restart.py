@@ -7,10 +7,9 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
-from tests.helpers import FIXTURES, read_log, running_system, start_system, stop
+from tests.helpers import FIXTURES, pull_plug, read_log, running_system, start_system, stop
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +32,7 @@ def test_kill_9_then_restart_finishes_every_request_once(tmp_path: Path) -> None
         deadline = time.monotonic() + 30
         while len(read_log(log)) < 15 and time.monotonic() < deadline:
             time.sleep(0.02)
-        # The whole system dies at once, workers included, mid-flight.
-        victims = [psutil.Process(first.process.pid), *first.children()]
-        for proc in victims:
-            proc.kill()
-        psutil.wait_procs(victims, timeout=10)
+        pull_plug(first)  # mid-flight, workers included
     finally:
         stop(first.process)
     before = len(read_log(log))
