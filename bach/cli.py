@@ -182,6 +182,13 @@ def _load(scores: tuple[str, ...], check: bool = False) -> Any:
     type=Duration(),
     help="forget ended requests this long after they end (e.g. 7d); default keep all",
 )
+@_option(
+    "--max-instances",
+    env="BACH_MAX_INSTANCES",
+    default=None,
+    type=click.IntRange(min=1),
+    help="cap on worker instances over all services; default each service's max only",
+)
 @plugin_option
 @_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
 @_errors_to_exit
@@ -194,6 +201,7 @@ def serve(
     no_workers: bool,
     grace: float,
     retain: float | None,
+    max_instances: int | None,
     plugins: tuple[str, ...],
     log_level: str,
 ) -> None:
@@ -220,6 +228,7 @@ def serve(
         workers=not no_workers,
         grace=grace,
         retain=retain,
+        max_instances=max_instances,
         plugins=plugins,
     )
     run_loop(serve(score, options, registry))

@@ -180,6 +180,13 @@ async def get_command(ref: str, engine: EngineDep, wait: Wait = 0) -> dict[str, 
     return run.view()
 
 
+@router.get("/events/scaling")
+async def scaling_events(request: Request) -> dict[str, Any]:
+    """Every scaling decision: time, service, from, to, reason (newest last)."""
+    events = request.app.state.scaling_events
+    return {"events": events() if events is not None else []}
+
+
 @router.get("/stats")
 async def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
     """Active requests, active tasks and each service's queue."""
@@ -234,7 +241,11 @@ async def healthz(engine: EngineDep) -> JSONResponse:
 
 
 def create_app(
-    engine: Engine, *, token: str | None = None, stats_extra: StatsExtra | None = None
+    engine: Engine,
+    *,
+    token: str | None = None,
+    stats_extra: StatsExtra | None = None,
+    scaling_events: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> FastAPI:
     errors: dict[int | str, dict[str, Any]] = {
         code: {"model": ErrorView} for code in (400, 401, 404, 409, 422)
@@ -248,6 +259,7 @@ def create_app(
     app.state.engine = engine
     app.state.token = token
     app.state.stats_extra = stats_extra
+    app.state.scaling_events = scaling_events
     app.add_exception_handler(BachError, _bach_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -52,6 +52,24 @@ class ServiceSpec(Policy):
     cwd: str | None = None
     env: dict[str, str] = Field(default_factory=dict)
     instances: int = Field(1, ge=0, description="worker processes started at boot")
+    min_instances: int | None = Field(
+        None, ge=0, description="instances kept when idle (default: instances)"
+    )
+    max_instances: int | None = Field(
+        None, ge=1, description="instances a backlog may scale up to (default: min_instances)"
+    )
+    idle_timeout: float = Field(
+        60.0, gt=0, description="seconds without work before scaling down to min_instances"
+    )
+    concurrency: int = Field(1, ge=1, description="jobs one instance runs at once")
+
+    @property
+    def low(self) -> int:
+        return self.instances if self.min_instances is None else self.min_instances
+
+    @property
+    def high(self) -> int:
+        return max(self.low, 1) if self.max_instances is None else self.max_instances
 
     @model_validator(mode="after")
     def _one_kind(self) -> ServiceSpec:
@@ -63,6 +81,10 @@ class ServiceSpec(Policy):
                 raise ValueError(f"handler {self.handler!r} is not of the form 'module:function'")
         if self.command is not None and not self.command:
             raise ValueError("command must name a program")
+        if self.max_instances is not None and self.max_instances < self.low:
+            raise ValueError(
+                f"max_instances ({self.max_instances}) is below min_instances ({self.low})"
+            )
         return self
 
     def policy(self) -> Policy:

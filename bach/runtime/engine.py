@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -86,6 +86,10 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[Request]]] = defaultdict(list)
         self._stopping = asyncio.Event()
         self.applied = 0
+        #: Per service, since start: jobs this engine queued, and outcomes it applied.
+        self.dispatched: Counter[str] = Counter()
+        self.completed: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
 
     # -- requests ------------------------------------------------------------------------
 
@@ -133,6 +137,7 @@ class Engine:
         )
         if not created:
             return await self._request(stored), False
+        self.dispatched.update(d.service for d in dispatches)
         return request, True
 
     async def _request(self, record: RequestRecord) -> Request:
@@ -200,6 +205,7 @@ class Engine:
         now = self.clock()
         steps: list[Transition] = []
         ended: dict[str, Request] = {}
+        outcomes: dict[str, list[tuple[str, bool]]] = {}
         for rid, batch in grouped.items():
             consumed = tuple(r.job_id for r in batch)
             record = records.get(rid)
@@ -210,6 +216,8 @@ class Engine:
                 steps.append(apply_service_reports(record, batch, self.score, now))
                 continue
             request = await self.plans.request(record)
+            tasks = request.plan.by_name
+            outcomes[rid] = [(tasks[r.task].service, r.ok) for r in batch if r.task in tasks]
             new, effects = request, []
             for report in batch:
                 new, more = machine.advance(new, event_of(report), now)
@@ -226,7 +234,22 @@ class Engine:
         self.applied += sum(
             len(grouped[rid]) for rid, ok in zip(grouped, results, strict=True) if ok
         )
+        self._count(steps, results, outcomes)
         return len(reports)
+
+    def _count(
+        self,
+        steps: Sequence[Transition],
+        results: Sequence[bool],
+        outcomes: Mapping[str, list[tuple[str, bool]]],
+    ) -> None:
+        """Per-service figures of the steps that were committed."""
+        for step, ok in zip(steps, results, strict=True):
+            if not ok:
+                continue
+            self.dispatched.update(job.service for job in step.enqueue)
+            for service, good in outcomes.get(step.request_id, ()):
+                (self.completed if good else self.failed)[service] += 1
 
     @staticmethod
     def _transition(

@@ -46,6 +46,8 @@ class ServeOptions:
     grace: float = 10.0
     #: Seconds ended requests are kept; None keeps them all.
     retain: float | None = None
+    #: Cap on worker instances over all services (None: only each service's max).
+    max_instances: int | None = None
     #: Plugin modules named on the command line (``--plugin``).
     plugins: tuple[str, ...] = ()
 
@@ -141,18 +143,42 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
     )
     in_process = store.startswith("memory:")
     supervisor = Supervisor(
-        score, backend, store, in_process=in_process, grace=options.grace, plugins=options.plugins
+        score,
+        backend,
+        store,
+        in_process=in_process,
+        grace=options.grace,
+        plugins=options.plugins,
+        max_total=options.max_instances,
+        counters=lambda: (engine.dispatched, engine.completed + engine.failed),
     )
 
     async def instances() -> dict[str, object]:
-        return {
-            "services": {
-                name: {"instances": sum(i.alive for i in group)}
-                for name, group in supervisor.instances.items()
+        services: dict[str, object] = {}
+        for name, group in supervisor.instances.items():
+            f = supervisor.figures.get(name)
+            cfg = supervisor.policy.configs[name]
+            services[name] = {
+                "instances": sum(i.alive and not i.draining for i in group),
+                "draining": sum(i.alive and i.draining for i in group),
+                "min_instances": cfg.min_instances,
+                "max_instances": cfg.max_instances,
+                "arrival_rate": round(f.rate_short, 3) if f else 0.0,
+                "service_time": None
+                if f is None or f.service_time is None
+                else round(f.service_time, 4),
+                "completed": engine.completed[name],
+                "failed": engine.failed[name],
+                "bottleneck": supervisor.policy.bottlenecks.get(name),
             }
-        }
+        return {"services": services}
 
-    app = create_app(engine, token=options.token, stats_extra=instances)
+    app = create_app(
+        engine,
+        token=options.token,
+        stats_extra=instances,
+        scaling_events=lambda: list(supervisor.events),
+    )
     config = uvicorn.Config(
         app,
         host=options.host,

@@ -1,9 +1,12 @@
 """The supervisor owns the worker processes of every service.
 
-At boot it starts each service's instances (one by default) and lets them idle until
-work comes; when one dies it gives its jobs back to the queue and starts another. With
-the in-process memory store, workers are tasks in this process instead, since no other
-process can see that store.
+At boot it starts each service's ``min_instances`` (one by default) and lets them idle
+until work comes. Every tick it samples each service (queue, running jobs, arrival rate,
+service time) and carries out what the scaling policy (``bach.core.scaling``) decides:
+more instances for a backlog, a cold start for a service that is off and has work, and
+a slow drain back to the minimum once the work is gone. Only instances holding no job
+are drained; one that dies is noticed, its jobs go back to the queue, and the policy
+replaces it. With the in-process memory store, workers are tasks in this process.
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections import Counter, defaultdict, deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from bach.backends.port import Backend
+from bach.core.scaling import Action, Config, Figures, Policy
 from bach.core.score import Score, Service
 from bach.runtime.engine import HOST, worker_id
 from bach.runtime.worker import Worker, drain
@@ -34,6 +40,7 @@ class Instance:
     task: asyncio.Task[None] | None = None
     worker: Worker | None = None
     started: float = field(default_factory=time.monotonic)
+    draining: bool = False
 
     @property
     def alive(self) -> bool:
@@ -52,6 +59,8 @@ class Supervisor:
         in_process: bool = False,
         grace: float = 10.0,
         plugins: Sequence[str] = (),
+        max_total: int | None = None,
+        counters: Callable[[], tuple[Counter[str], Counter[str]]] | None = None,
     ) -> None:
         self.score = score
         self.plugins = list(plugins)
@@ -63,6 +72,28 @@ class Supervisor:
         self._count = 0
         self._stopping = asyncio.Event()
         self._restarts: dict[str, float] = {}
+        self.policy = Policy(
+            {
+                name: Config(
+                    min_instances=svc.spec.low,
+                    max_instances=svc.spec.high,
+                    idle_timeout=svc.spec.idle_timeout,
+                    concurrency=svc.spec.concurrency,
+                    # Scale-down looks back over at most half the idle timeout (W <= X).
+                    down_window=min(30.0, svc.spec.idle_timeout / 2),
+                )
+                for name, svc in score.services.items()
+            },
+            max_total,
+        )
+        #: Counters to sample (the engine's dispatched / completed / failed per service).
+        self.counters = counters
+        self.events: deque[dict[str, Any]] = deque(maxlen=1000)
+        self.figures: dict[str, Figures] = {}
+        self._samples: dict[str, deque[tuple[float, int, int, int]]] = defaultdict(deque)
+        self._last_activity: dict[str, float] = {}
+        self._draining: set[asyncio.Task[None]] = set()
+        self._died: set[str] = set()
 
     def _new_id(self, service: str) -> str:
         self._count += 1
@@ -72,7 +103,9 @@ class Supervisor:
         ident = self._new_id(service.name)
         instance = Instance(service.name, ident)
         if self.in_process:
-            worker = Worker(self.backend, service, ident=ident)
+            worker = Worker(
+                self.backend, service, ident=ident, concurrency=service.spec.concurrency
+            )
             instance.worker = worker
             instance.task = asyncio.create_task(worker.run(), name=ident)
         else:
@@ -90,6 +123,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "bach", "worker", "--service", service]
         cmd += ["--store", self.store, "--grace", str(self.grace)]
         cmd += ["--parent-pid", str(os.getpid())]
+        cmd += ["--concurrency", str(self.score.services[service].spec.concurrency)]
         for file in self.score.files:
             cmd += ["--score", file]
         for plugin in self.plugins:
@@ -98,35 +132,123 @@ class Supervisor:
 
     async def start(self) -> None:
         for service in self.score.services.values():
-            for _ in range(service.spec.instances):
+            for _ in range(service.spec.low):
                 await self.start_instance(service)
 
     async def run(self, interval: float = 0.5) -> None:
-        """Watch the instances; replace those that die, until stop()."""
+        """Watch and scale the instances every ``interval`` seconds, until stop()."""
         while not self._stopping.is_set():
-            await self.check()
+            try:
+                await self.check()
+                await self.scale()
+            except Exception:
+                log.exception("supervisor tick failed; retrying")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), interval)
 
     async def check(self) -> None:
-        for name, instances in self.instances.items():
+        """Forget instances that exited; give back the jobs of those that died."""
+        for instances in self.instances.values():
             for instance in [i for i in instances if not i.alive]:
                 instances.remove(instance)
                 code = instance.process.returncode if instance.process else None
                 released = await self.backend.release_worker(instance.ident)
+                if instance.draining and not released:
+                    log.info("%s stopped (drained)", instance.ident)
+                    continue
+                self._died.add(instance.service)
                 log.warning(
                     "%s exited (status %s); %d job(s) back on the queue",
                     instance.ident,
                     code,
                     released,
                 )
-            wanted = self.score.services[name].spec.instances
-            if len(instances) < wanted and not self._stopping.is_set():
-                # Back off a little if a service keeps dying at start.
-                last = self._restarts.get(name, 0.0)
-                if time.monotonic() - last >= 1.0:
-                    self._restarts[name] = time.monotonic()
-                    await self.start_instance(self.score.services[name])
+
+    def _sample(self, name: str, running: int, now: float) -> tuple[float, float, float | None]:
+        """Arrival rates (short, long window) and service time (Little's law) of a service."""
+        dispatched, finished = self.counters() if self.counters else (Counter(), Counter())
+        samples = self._samples[name]
+        samples.append((now, dispatched[name], finished[name], running))
+        window = self.policy.configs[name].down_window
+        while len(samples) > 2 and samples[0][0] < now - window:
+            samples.popleft()
+
+        def rate(seconds: float) -> float:
+            old = next((s for s in samples if s[0] >= now - seconds), samples[0])
+            span = now - old[0]
+            return (dispatched[name] - old[1]) / span if span > 0 else 0.0
+
+        first = samples[0]
+        span = now - first[0]
+        done = finished[name] - first[2]
+        service_time = None
+        if span > 0 and done > 0:
+            mean_running = sum(s[3] for s in samples) / len(samples)
+            service_time = max(mean_running, 1e-3) / (done / span)
+        return rate(2.0), rate(window), service_time
+
+    async def scale(self) -> None:
+        if self._stopping.is_set():
+            return
+        now = time.monotonic()
+        stats = await self.backend.stats(time.time())
+        figures: dict[str, Figures] = {}
+        for name, instances in self.instances.items():
+            q = stats.queues.get(name)
+            queued, running = (q.queued, q.running) if q else (0, 0)
+            short, long, service_time = self._sample(name, running, now)
+            if queued or running or short or name not in self._last_activity:
+                self._last_activity[name] = now  # idle time counts from boot or last work
+            active = [i for i in instances if i.alive and not i.draining]
+            oldest = q.oldest_queued_at if q else None
+            figures[name] = Figures(
+                queued=queued,
+                running=running,
+                instances=len(active),
+                idle_instances=sum(1 for i in active if i.ident not in stats.workers),
+                rate_short=short,
+                rate_long=long,
+                service_time=service_time,
+                last_activity=self._last_activity.get(name),
+                oldest_queued_age=None if oldest is None else max(0.0, time.time() - oldest),
+            )
+        self.figures = figures
+        for action in self.policy.decide(figures, now):
+            await self._carry_out(action, stats.workers)
+
+    async def _carry_out(self, action: Action, busy: Mapping[str, int]) -> None:
+        service = self.score.services[action.service]
+        if action.kind == "start":
+            if action.service in self._died:
+                # Replacing a dead instance: at most once a second, in case it keeps dying.
+                if time.monotonic() - self._restarts.get(action.service, -10.0) < 1.0:
+                    return
+                self._restarts[action.service] = time.monotonic()
+                self._died.discard(action.service)
+            for _ in range(action.count):
+                await self.start_instance(service)
+        else:
+            idle = [
+                i
+                for i in self.instances[action.service]
+                if i.alive and not i.draining and i.ident not in busy
+            ]
+            for instance in sorted(idle, key=lambda i: i.started, reverse=True)[: action.count]:
+                instance.draining = True
+                task = asyncio.create_task(self._stop_instance(instance))
+                self._draining.add(task)
+                task.add_done_callback(self._draining.discard)
+        event = {
+            "time": time.time(),
+            "service": action.service,
+            "from": action.before,
+            "to": action.after,
+            "reason": action.reason,
+        }
+        self.events.append(event)
+        log.info(
+            "scaling %s: %d -> %d (%s)", action.service, action.before, action.after, action.reason
+        )
 
     async def stop(self) -> None:
         """Stop every instance: each finishes its job within the grace period, or gives it

@@ -116,6 +116,7 @@ async def test_a_handler_that_overruns_its_timeout_fails_and_its_worker_is_repla
     job = (await harness.engine.get(rid)).jobs["sleepy"]
     assert status == Status.FAILED and job.error == "timed out after 0.3s"
     await harness.supervisor.check()  # the tainted worker left; a fresh one starts
+    await harness.supervisor.scale()
     assert sum(i.alive for i in harness.supervisor.instances["sleepy"]) == 1
 
 
