@@ -15,6 +15,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bach import __version__
@@ -189,7 +190,11 @@ async def scaling_events(request: Request) -> dict[str, Any]:
 
 @router.get("/stats")
 async def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
-    """Active requests, active tasks and each service's queue."""
+    """Active requests, active tasks, tasks still to run, and each service's figures."""
+    return await gather_stats(request, engine)
+
+
+async def gather_stats(request: Request, engine: Engine) -> dict[str, Any]:
     now = engine.clock()
     figures = await engine.backend.stats(now)
     services: dict[str, dict[str, Any]] = {}
@@ -202,11 +207,17 @@ async def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
             "running": q.running if q else 0,
             "oldest_queued_age": None if oldest is None else round(now - oldest, 3),
         }
+    active = [
+        r for status in ("PENDING", "RUNNING") for r in await engine.list_requests(status, 10_000)
+    ]
+    to_run = sum(r.remaining() for r in active)
     body: dict[str, Any] = {
         "time": now,
         "active_requests": figures.requests.get("PENDING", 0) + figures.requests.get("RUNNING", 0),
         "active_tasks": sum(s["running"] for s in services.values()),
         "queued_tasks": sum(s["queued"] for s in services.values()),
+        # Tasks of the active requests not dispatched yet (seed 002's remaining bits).
+        "tasks_to_run": to_run,
         "requests": figures.requests,
         "reports_waiting": figures.reports,
         "services": services,
@@ -220,6 +231,49 @@ async def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
             services.setdefault(name, {}).update(figs)
         body.update(more)
     return body
+
+
+GAUGES = {
+    "active_requests": "requests PENDING or RUNNING",
+    "active_tasks": "jobs held by workers",
+    "queued_tasks": "jobs waiting for a worker",
+    "tasks_to_run": "tasks of active requests not dispatched yet",
+    "reports_waiting": "results not applied yet",
+}
+SERVICE_GAUGES = {
+    "queued": "jobs waiting for a worker",
+    "delayed": "jobs waiting out a retry backoff",
+    "running": "jobs held by workers",
+    "instances": "worker instances up",
+    "arrival_rate": "jobs queued per second, last 2 s",
+    "service_time": "seconds a job takes (Little's law)",
+    "completed": "jobs completed since start",
+    "failed": "jobs failed since start",
+    "oldest_queued_age": "seconds the oldest queued job has waited",
+}
+
+
+async def metrics(request: Request) -> Response:
+    """The stats in Prometheus's text format."""
+    body = await gather_stats(request, request.app.state.engine)
+    registry = CollectorRegistry()
+    for name, text in GAUGES.items():
+        Gauge(f"bach_{name}", text, registry=registry).set(body.get(name) or 0)
+    for name, text in SERVICE_GAUGES.items():
+        gauge = Gauge(f"bach_service_{name}", text, ["service"], registry=registry)
+        for service, figures in body["services"].items():
+            value = figures.get(name)
+            if isinstance(value, (int, float)):
+                gauge.labels(service).set(value)
+    bottleneck = Gauge(
+        "bach_service_bottleneck",
+        "1 when the service is the bottleneck",
+        ["service"],
+        registry=registry,
+    )
+    for service, figures in body["services"].items():
+        bottleneck.labels(service).set(1 if figures.get("bottleneck") else 0)
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 async def healthz(engine: EngineDep) -> JSONResponse:
@@ -266,4 +320,5 @@ def create_app(
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(router)
     app.add_api_route("/healthz", healthz, methods=["GET"])
+    app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(_authorize)])
     return app

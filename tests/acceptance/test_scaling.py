@@ -65,3 +65,37 @@ def test_a_service_that_is_off_cold_starts_for_a_request(tmp_path: Path) -> None
         events = http.get("/api/events/scaling").json()["events"]
         assert any(e["service"] == "sleeper" and e["from"] == 0 for e in events), events
         http.close()
+
+
+def test_stats_add_up_while_requests_run_and_metrics_match(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/bach.db"
+    with running_system([FIXTURES / "svc.yaml"], store, tmp_path) as system:
+        http = httpx.Client(base_url=system.url, timeout=30)
+        for i in range(100):
+            http.post("/api/requests", json={"rubric": "slow3", "input": i})
+        samples = 0
+        while True:
+            stats = http.get("/api/stats").json()
+            active = stats["active_requests"]
+            if not active:
+                break
+            svc = stats["services"]
+            queued = sum(s["queued"] + s["delayed"] for s in svc.values())
+            running = sum(s["running"] for s in svc.values())
+            assert running == stats["active_tasks"] and queued >= stats["queued_tasks"]
+            outstanding = queued + running + stats["reports_waiting"] + stats["tasks_to_run"]
+            # Each active request has 1 to 3 of its tasks not done (two separate reads,
+            # so a request may end between them: only the upper bound is exact).
+            assert outstanding <= 3 * active + 3, stats
+            assert stats["tasks_to_run"] <= 2 * active, stats
+            samples += 1
+            time.sleep(0.05)
+        assert samples >= 3
+        final = http.get("/api/stats").json()
+        assert final["requests"] == {"COMPLETE": 100}
+        assert final["tasks_to_run"] == 0 and final["queued_tasks"] == 0
+        assert [final["services"][s]["completed"] for s in "PQR"] == [100, 100, 100]
+        text = http.get("/metrics").text
+        assert "bach_active_requests 0.0" in text
+        assert 'bach_service_completed{service="P"} 100.0' in text
+        http.close()
