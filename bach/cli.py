@@ -7,9 +7,11 @@ Errors are one line on stderr and exit status 2.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, ClassVar, ParamSpec, TypeVar
@@ -432,28 +434,69 @@ def cancel(ref: str, server: str, token: str | None, as_json: bool) -> None:
         _show(client.cancel(ref), as_json)
 
 
+def _status_view(figures: dict[str, Any], events: list[dict[str, Any]]) -> Any:
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    head = Text(
+        f"active requests {figures['active_requests']}   active tasks {figures['active_tasks']}"
+        f"   queued tasks {figures['queued_tasks']}   still to run {figures.get('tasks_to_run', 0)}"
+    )
+    table = Table(box=None, pad_edge=False)
+    for column in ("service", "queued", "running", "instances", "min-max", "jobs/s",
+                   "time s", "done", "failed", "oldest s", "bottleneck"):  # fmt: skip
+        table.add_column(column, justify="left" if column in ("service", "bottleneck") else "right")
+    for name, s in figures["services"].items():
+        table.add_row(
+            name,
+            str(s.get("queued", 0)),
+            str(s.get("running", 0)),
+            str(s.get("instances", "-")),
+            f"{s.get('min_instances', '-')}-{s.get('max_instances', '-')}",
+            f"{s.get('arrival_rate', 0):.1f}",
+            "-" if s.get("service_time") is None else f"{s['service_time']:.3f}",
+            str(s.get("completed", "-")),
+            str(s.get("failed", "-")),
+            "-" if s.get("oldest_queued_age") is None else f"{s['oldest_queued_age']:.1f}",
+            s.get("bottleneck") or "",
+        )
+    lines: list[Table | Text] = [head, table]
+    if events:
+        lines.append(Text("scaling:"))
+        for e in events[-5:]:
+            when = time.strftime("%H:%M:%S", time.localtime(e["time"]))
+            lines.append(Text(f"  {when} {e['service']} {e['from']} -> {e['to']} ({e['reason']})"))
+    return Group(*lines)
+
+
 @main.command()
+@click.option("--watch", is_flag=True, help="refresh the table until Ctrl-C")
+@click.option("--interval", default=1.0, show_default=True, help="seconds between refreshes")
 @server_option
 @token_option
 @json_option
 @_errors_to_exit
-def status(server: str, token: str | None, as_json: bool) -> None:
-    """Show the system's figures: active requests, tasks and each service's queue."""
+def status(watch: bool, interval: float, server: str, token: str | None, as_json: bool) -> None:
+    """Show the system's figures: requests, tasks, each service, scaling decisions."""
+    from rich.console import Console
+    from rich.live import Live
+
     with Client(server, token) as client:
-        figures = client.stats()
-    if as_json:
-        click.echo(json.dumps(figures, indent=2))
-        return
-    click.echo(
-        f"active requests: {figures['active_requests']}   "
-        f"active tasks: {figures['active_tasks']}   "
-        f"queued tasks: {figures['queued_tasks']}"
-    )
-    for name, s in figures["services"].items():
-        click.echo(
-            f"  {name:<16} queued={s.get('queued', 0)} running={s.get('running', 0)}"
-            f" instances={s.get('instances', '-')}"
-        )
+        if as_json:
+            click.echo(json.dumps(client.stats(), indent=2))
+            return
+        if not watch:
+            width = None if sys.stdout.isatty() else 160  # a pipe gets the whole table
+            Console(width=width).print(_status_view(client.stats(), client.scaling_events()))
+            return
+        with Live(
+            _status_view(client.stats(), client.scaling_events()), auto_refresh=False
+        ) as live:
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(interval)
+                    live.update(_status_view(client.stats(), client.scaling_events()), refresh=True)
 
 
 def _show_tree(run: dict[str, Any], as_json: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import time
 from collections.abc import Sequence
@@ -133,6 +134,10 @@ class Client:
 
     def wait_command(self, ref: str, timeout: float) -> dict[str, Any]:
         return self._wait(f"/api/commands/{ref}", timeout)
+
+    def scaling_events(self) -> builtins.list[dict[str, Any]]:
+        result: builtins.list[dict[str, Any]] = self._call("GET", "/api/events/scaling")["events"]
+        return result
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = self._call("GET", "/api/stats")

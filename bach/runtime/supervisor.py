@@ -174,9 +174,10 @@ class Supervisor:
             samples.popleft()
 
         def rate(seconds: float) -> float:
+            # Over the whole window even when the samples span less (just after boot):
+            # one job must not read as a high rate; the backlog term covers bursts.
             old = next((s for s in samples if s[0] >= now - seconds), samples[0])
-            span = now - old[0]
-            return (dispatched[name] - old[1]) / span if span > 0 else 0.0
+            return (dispatched[name] - old[1]) / seconds
 
         first = samples[0]
         span = now - first[0]

@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import FIXTURES, running_system
+from tests.helpers import FIXTURES, bach, running_system
 
 pytestmark = pytest.mark.slow
 
@@ -64,6 +64,9 @@ def test_a_service_that_is_off_cold_starts_for_a_request(tmp_path: Path) -> None
         assert done["status"] == "COMPLETE" and done["result"] == "t(1)"
         events = http.get("/api/events/scaling").json()["events"]
         assert any(e["service"] == "sleeper" and e["from"] == 0 for e in events), events
+        shown = bach("status", "--server", system.url)
+        assert shown.returncode == 0 and "still to run 0" in shown.stdout
+        assert "sleeper 0 -> 1 (cold start" in shown.stdout, shown.stdout
         http.close()
 
 
