@@ -136,7 +136,7 @@ def _load(scores: tuple[str, ...], check: bool = False) -> Any:
     """Load score files; with ``check``, also make sure every service can run here."""
     from bach.core.score import load_scores
     from bach.errors import ScoreError
-    from bach.runtime.server import check_score
+    from bach.runtime.boot import check_score
 
     try:
         score = load_scores(scores)
@@ -208,14 +208,8 @@ def serve(
     log_level: str,
 ) -> None:
     """Start the system: engine, HTTP API and one worker process per service."""
-    from bach.runtime.server import (
-        ServeOptions,
-        check_score,
-        load_plugins,
-        log_plugins,
-        serve,
-        setup_logging,
-    )
+    from bach.runtime.boot import check_score, load_plugins, log_plugins, setup_logging
+    from bach.runtime.server import ServeOptions, serve
 
     setup_logging(log_level)
     score = _load(scores)
@@ -273,7 +267,7 @@ def worker(
     log_level: str,
 ) -> None:
     """Serve one service: take its jobs from the store, run them, report back."""
-    from bach.runtime.server import run_worker, setup_logging
+    from bach.runtime.boot import run_worker, setup_logging
 
     setup_logging(log_level)
     score = _load(scores)
@@ -586,7 +580,7 @@ def plugins(scores: tuple[str, ...], plugins: tuple[str, ...]) -> None:
     """List the plugins found: installed ones, and those named by scores or --plugin."""
     from bach.commands import command_name
     from bach.core.score import Score
-    from bach.runtime.server import load_plugins
+    from bach.runtime.boot import load_plugins
 
     score = _load(scores) if scores else Score()
     _, found = load_plugins(score, plugins)

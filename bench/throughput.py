@@ -175,10 +175,10 @@ async def bach_chains(base: str, values: range, concurrency: int) -> list[float]
 class BachSystem:
     name = "bach"
 
-    def __init__(self, store: str, workdir: Path):
+    def __init__(self, store: str, workdir: Path, score: Path = HERE / "chain.yaml"):
         log = open(workdir / "bach-serve.log", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bach", "serve", "--score", str(HERE / "chain.yaml"),
+            [sys.executable, "-m", "bach", "serve", "--score", str(score),
              "--store", store, "--port", "0", "--log-level", "WARNING"],
             cwd=workdir, stdout=subprocess.PIPE, stderr=log, text=True,
         )  # fmt: skip

@@ -92,8 +92,10 @@ def need(f: Figures, cfg: Config) -> Need:
     outstanding = f.queued + f.running
     work = outstanding * s
     backlog = math.ceil(work / (c * cfg.horizon)) if work else 0
-    by_rate_up = math.ceil(f.rate_short * s / (c * cfg.utilisation))
-    by_rate_down = math.ceil(f.rate_long * s / (c * cfg.utilisation))
+    # A rate times a guessed service time is a guess: use the rate once S is measured.
+    known = f.service_time is not None
+    by_rate_up = math.ceil(f.rate_short * s / (c * cfg.utilisation)) if known else 0
+    by_rate_down = math.ceil(f.rate_long * s / (c * cfg.utilisation)) if known else 0
     cap = math.ceil(outstanding / c) + math.ceil(f.rate_short * s / (c * cfg.utilisation))
     floor = 1 if outstanding else 0
     up = min(max(backlog, by_rate_up, floor), max(cap, floor))

@@ -135,7 +135,7 @@ class Supervisor:
             for _ in range(service.spec.low):
                 await self.start_instance(service)
 
-    async def run(self, interval: float = 0.5) -> None:
+    async def run(self, interval: float = 0.25) -> None:
         """Watch and scale the instances every ``interval`` seconds, until stop()."""
         while not self._stopping.is_set():
             try:
@@ -174,10 +174,8 @@ class Supervisor:
             samples.popleft()
 
         def rate(seconds: float) -> float:
-            # Over the whole window even when the samples span less (just after boot):
-            # one job must not read as a high rate; the backlog term covers bursts.
             old = next((s for s in samples if s[0] >= now - seconds), samples[0])
-            return (dispatched[name] - old[1]) / seconds
+            return (dispatched[name] - old[1]) / max(now - old[0], 0.5)
 
         first = samples[0]
         span = now - first[0]
