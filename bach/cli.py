@@ -376,14 +376,28 @@ def submit(
         sys.exit(1)
 
 
+def lookup_options(what: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """The options of a command that shows one thing by id or key: REF, --wait and so on."""
+
+    def wrap(func: Callable[..., None]) -> Callable[..., None]:
+        decorators: list[Any] = [
+            click.argument("ref"),
+            click.option("--wait", is_flag=True, help=f"wait for the {what} to end"),
+            click.option("--timeout", default=300.0, show_default=True),
+            server_option,
+            token_option,
+            json_option,
+            _errors_to_exit,
+        ]
+        for decorator in reversed(decorators):
+            func = decorator(func)
+        return func
+
+    return wrap
+
+
 @main.command()
-@click.argument("ref")
-@click.option("--wait", is_flag=True, help="wait for the request to end")
-@click.option("--timeout", default=300.0, show_default=True)
-@server_option
-@token_option
-@json_option
-@_errors_to_exit
+@lookup_options("request")
 def get(
     ref: str, wait: bool, timeout: float, server: str, token: str | None, as_json: bool
 ) -> None:
@@ -551,13 +565,7 @@ def command_run(
 
 
 @command.command(name="get")
-@click.argument("ref")
-@click.option("--wait", is_flag=True, help="wait for the run to end")
-@click.option("--timeout", default=300.0, show_default=True)
-@server_option
-@token_option
-@json_option
-@_errors_to_exit
+@lookup_options("run")
 def command_get(
     ref: str, wait: bool, timeout: float, server: str, token: str | None, as_json: bool
 ) -> None:
