@@ -92,6 +92,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
                 "completed": engine.completed[name],
                 "failed": engine.failed[name],
                 "bottleneck": supervisor.policy.bottlenecks.get(name),
+                "instance_states": supervisor.states(name),
             }
         return {"services": services}
 

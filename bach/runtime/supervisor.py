@@ -90,6 +90,8 @@ class Supervisor:
         self.counters = counters
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.figures: dict[str, Figures] = {}
+        #: Jobs held per worker id, as of the last tick.
+        self.busy: dict[str, int] = {}
         self._samples: dict[str, deque[tuple[float, int, int, int]]] = defaultdict(deque)
         self._last_activity: dict[str, float] = {}
         self._draining: set[asyncio.Task[None]] = set()
@@ -164,6 +166,14 @@ class Supervisor:
                     released,
                 )
 
+    def states(self, service: str) -> dict[str, str]:
+        """Each live instance of a service: busy (holds jobs), idle, or draining."""
+        return {
+            i.ident: "draining" if i.draining else "busy" if i.ident in self.busy else "idle"
+            for i in self.instances[service]
+            if i.alive
+        }
+
     def _sample(self, name: str, running: int, now: float) -> tuple[float, float, float | None]:
         """Arrival rates (short, long window) and service time (Little's law) of a service."""
         dispatched, finished = self.counters() if self.counters else (Counter(), Counter())
@@ -212,6 +222,7 @@ class Supervisor:
                 oldest_queued_age=None if oldest is None else max(0.0, time.time() - oldest),
             )
         self.figures = figures
+        self.busy = dict(stats.workers)
         for action in self.policy.decide(figures, now):
             await self._carry_out(action, stats.workers)
 

@@ -98,6 +98,9 @@ def test_stats_add_up_while_requests_run_and_metrics_match(tmp_path: Path) -> No
         assert final["requests"] == {"COMPLETE": 100}
         assert final["tasks_to_run"] == 0 and final["queued_tasks"] == 0
         assert [final["services"][s]["completed"] for s in "PQR"] == [100, 100, 100]
+        states = final["services"]["P"]["instance_states"]
+        assert len(states) == final["services"]["P"]["instances"]
+        assert set(states.values()) <= {"idle", "busy"}
         text = http.get("/metrics").text
         assert "bach_active_requests 0.0" in text
         assert 'bach_service_completed{service="P"} 100.0' in text
