@@ -198,7 +198,7 @@ async def bach_main(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     phases = Phases(lambda: backend.writes)
 
     async def one(value: int, steps: int) -> None:
-        run = await runner.submit(
+        run, _ = await runner.submit(
             [{"command": parent, "request": {"value": value, "steps": steps}}]
         )
         run = await runner.wait(run.id, 60)

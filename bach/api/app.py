@@ -164,9 +164,8 @@ async def submit_command(
     runner = _runner(engine)
     key = None if body.key is None else str(body.key)
     items = [call.model_dump() for call in body.commands]
-    existing = key is not None and await engine.backend.load(key) is not None
-    run = await runner.submit(items, key)
-    if existing:
+    run, created = await runner.submit(items, key)
+    if not created:
         response.status_code = 200
     if wait:
         run = await runner.wait(run.id, wait)

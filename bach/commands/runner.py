@@ -224,6 +224,7 @@ class CommandRunner:
         self._live: dict[str, _Live] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="bach-command")
         self._closing = False
+        self._last_scan = -LEASE
 
     # -- the API side --------------------------------------------------------------------
 
@@ -244,8 +245,11 @@ class CommandRunner:
             out.append((alias, name, _jsonable(item.get("request"), f"commands[{i}].request")))
         return out
 
-    async def submit(self, items: Sequence[dict[str, Any]], key: str | None = None) -> Run:
-        """Store a new run and start it; the same key again returns the first run."""
+    async def submit(
+        self, items: Sequence[dict[str, Any]], key: str | None = None
+    ) -> tuple[Run, bool]:
+        """Store a new run and start it; the same key again returns the first run. Returns
+        the run and whether it is new."""
         if key is not None and not key:
             raise InvalidInput("key", "the key must not be empty")
         calls = self._names(items)
@@ -260,9 +264,9 @@ class CommandRunner:
         if not created:
             if stored.plan_id != PLAN_ID:
                 raise InvalidInput("key", f"{key!r} is the key of a request, not a command run")
-            return await self.get(stored.id)
+            return await self.get(stored.id), False
         self._start(_Live(run, 0, now))
-        return run
+        return run, True
 
     async def get(self, ref: str) -> Run:
         record = await self.backend.load(ref)
@@ -285,6 +289,14 @@ class CommandRunner:
         return run
 
     # -- ownership -----------------------------------------------------------------------
+
+    async def resume_due(self) -> int:
+        """``resume`` at start, then every third of a lease: it reads every active record,
+        and an owner elsewhere is only orphaned once its lease has run out anyway."""
+        if time.monotonic() - self._last_scan < LEASE / 3:
+            return 0
+        self._last_scan = time.monotonic()
+        return await self.resume()
 
     async def resume(self) -> int:
         """Claim runs whose owner is gone and execute them again from the top."""
@@ -386,7 +398,6 @@ class CommandRunner:
             raise RunLost(live.run.id)
         if is_command(command):
             target, cls, service = command_name(command), command, None
-            self.registry.commands.setdefault(target, command)
         elif isinstance(command, str) and command in self.registry.commands:
             target, cls, service = command, self.registry.commands[command], None
         elif isinstance(command, str) and command in self.score.services:

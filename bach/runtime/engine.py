@@ -316,7 +316,7 @@ class Engine:
         await self.backend.requeue_expired(self.clock())
         if self.commands is not None:
             await self.commands.heartbeat_due()
-            await self.commands.resume()
+            await self.commands.resume_due()
         if self.retain is not None:
             purged = await self.backend.purge(self.clock() - self.retain)
             if purged:

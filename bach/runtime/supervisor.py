@@ -174,9 +174,15 @@ class Supervisor:
             if i.alive
         }
 
-    def _sample(self, name: str, running: int, now: float) -> tuple[float, float, float | None]:
+    def _sample(
+        self,
+        name: str,
+        running: int,
+        now: float,
+        dispatched: Counter[str],
+        finished: Counter[str],
+    ) -> tuple[float, float, float | None]:
         """Arrival rates (short, long window) and service time (Little's law) of a service."""
-        dispatched, finished = self.counters() if self.counters else (Counter(), Counter())
         samples = self._samples[name]
         samples.append((now, dispatched[name], finished[name], running))
         window = self.policy.configs[name].down_window
@@ -201,11 +207,12 @@ class Supervisor:
             return
         now = time.monotonic()
         stats = await self.backend.stats(time.time())
+        dispatched, finished = self.counters() if self.counters else (Counter(), Counter())
         figures: dict[str, Figures] = {}
         for name, instances in self.instances.items():
             q = stats.queues.get(name)
             queued, running = (q.queued, q.running) if q else (0, 0)
-            short, long, service_time = self._sample(name, running, now)
+            short, long, service_time = self._sample(name, running, now, dispatched, finished)
             if queued or running or short or name not in self._last_activity:
                 self._last_activity[name] = now  # idle time counts from boot or last work
             active = [i for i in instances if i.alive and not i.draining]

@@ -111,13 +111,14 @@ def runner_on(backend: Backend, owner: str = "test:1:engine", **kwargs: Any) -> 
 
 
 async def run_one(runner: CommandRunner, name: str, request: Any) -> dict[str, Any]:
-    run = await runner.submit([{"command": name, "request": request}])
+    run, _ = await runner.submit([{"command": name, "request": request}])
     return (await runner.wait(run.id, 10)).view()
 
 
 async def test_seed_004_composition(backend: Backend) -> None:
     runner = runner_on(backend)
-    submitted = await runner.submit([{"command": "CommandOne", "request": 1}], key="0")
+    submitted, created = await runner.submit([{"command": "CommandOne", "request": 1}], key="0")
+    assert created
     assert submitted.view()["children"]["CommandOne"]["status"] in ("CREATED", "RUNNING")
     view = (await runner.wait("0", 10)).view()
     assert view["status"] == "COMPLETE"
@@ -127,8 +128,8 @@ async def test_seed_004_composition(backend: Backend) -> None:
     assert (two["status"], two["command"], two["name"]) == ("COMPLETE", "CommandTwo", "CommandTwo")
     assert (two["request"], two["response"]) == (1, 3)
     # The same key returns the same run, not a second one.
-    again = await runner.submit([{"command": "CommandOne", "request": 1}], key="0")
-    assert again.id == view["id"]
+    again, created = await runner.submit([{"command": "CommandOne", "request": 1}], key="0")
+    assert again.id == view["id"] and not created
     await runner.close()
 
 
@@ -161,7 +162,7 @@ async def test_a_run_interrupted_after_child_one_resumes_without_running_it_agai
 ) -> None:
     GATE.clear()
     first = runner_on(backend, owner="host:1:engine")
-    run = await first.submit([{"command": "Gated", "request": 1}])
+    run, _ = await first.submit([{"command": "Gated", "request": 1}])
     for _ in range(200):
         stored = await runner_on(backend, owner="reader").get(run.id)
         if stored.root.children["Gated"].children.get("first", None) and (
