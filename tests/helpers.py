@@ -67,13 +67,49 @@ def start_system(
     return System(match.group(0), proc, log)
 
 
-def pull_plug(system: System) -> None:
-    """The whole system dies at once, workers included, as in a power cut."""
-    victims = [psutil.Process(system.process.pid), *system.children()]
-    for proc in victims:
+def kill_all(procs: Sequence[psutil.Process]) -> None:
+    """SIGKILL, and wait until they are gone."""
+    for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-    psutil.wait_procs(victims, timeout=10)
+    psutil.wait_procs(procs, timeout=10)
+
+
+def pull_plug(system: System) -> None:
+    """The whole system dies at once, workers included, as in a power cut."""
+    kill_all([psutil.Process(system.process.pid), *system.children()])
+
+
+class Workers:
+    """Hand-run ``bach worker`` processes; all of them are stopped at the end."""
+
+    def __init__(
+        self,
+        store: str,
+        cwd: Path,
+        env: dict[str, str],
+        scores: Sequence[Path],
+        lease: str | None = None,
+    ) -> None:
+        self.store, self.cwd, self.env, self.scores, self.lease = store, cwd, env, scores, lease
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def start(self, service: str) -> subprocess.Popen[str]:
+        args = [*BACH, "worker", "--service", service, "--store", self.store]
+        if self.lease is not None:
+            args += ["--lease", self.lease]
+        for score in self.scores:
+            args += ["--score", str(score)]
+        with open(self.cwd / f"worker-{service}-{len(self.procs)}.log", "w") as stderr:
+            proc = subprocess.Popen(
+                args, cwd=self.cwd, stderr=stderr, text=True, env={**os.environ, **self.env}
+            )
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            stop(proc)
 
 
 def stop(proc: subprocess.Popen[str], timeout: float = 30) -> None:

@@ -4,9 +4,7 @@ step applied twice except one a killed process had in hand."""
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
@@ -22,7 +20,15 @@ import redis
 from bach.backends.redis import Keys
 from bach.runtime.engine import HOST
 from tests.conftest import redis_store, redis_url
-from tests.helpers import BACH, FIXTURES, read_log, running_system, start_system, stop
+from tests.helpers import (
+    FIXTURES,
+    Workers,
+    kill_all,
+    read_log,
+    running_system,
+    start_system,
+    stop,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -113,38 +119,6 @@ def all_steps(inputs: Sequence[int]) -> set[tuple[str, str]]:
     return steps
 
 
-class Workers:
-    """Hand-run ``bach worker`` processes; all of them are killed at the end."""
-
-    def __init__(self, store: str, cwd: Path, env: dict[str, str], scores: Sequence[Path]):
-        self.store, self.cwd, self.env, self.scores = store, cwd, env, scores
-        self.procs: list[subprocess.Popen[str]] = []
-
-    def start(self, service: str) -> subprocess.Popen[str]:
-        args = [*BACH, "worker", "--service", service, "--store", self.store, "--lease", LEASE]
-        for score in self.scores:
-            args += ["--score", str(score)]
-        with open(self.cwd / f"worker-{service}-{len(self.procs)}.log", "w") as stderr:
-            proc = subprocess.Popen(
-                args, cwd=self.cwd, stderr=stderr, text=True, env={**os.environ, **self.env}
-            )
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            stop(proc)
-
-
-def kill_all(procs: Sequence[psutil.Process]) -> None:
-    for proc in procs:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=10)
-
-
 def workers_ready(prefix: str, count: int, services: Sequence[str] = ("P", "Q", "R")) -> bool:
     """Whether ``count`` workers of each service wait for its jobs (have subscribed to the
     bell rung when they are queued: a worker does that first thing)."""
@@ -165,7 +139,7 @@ def test_a_worker_killed_mid_job_hands_it_to_its_replacement(
     (tmp_path / "slowq.yaml").write_text(SLOWQ)
     scores = [SCORE, tmp_path / "slowq.yaml"]
     inputs = range(3)
-    workers = Workers(store, tmp_path, env, scores)
+    workers = Workers(store, tmp_path, env, scores, lease=LEASE)
     with running_system(scores, store, tmp_path, "--no-workers", env=env) as system:
         try:
             for service in ("P", "Q", "R"):

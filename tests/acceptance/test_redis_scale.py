@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -13,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import redis_store
-from tests.helpers import BACH, FIXTURES, read_log, running_system, stop
+from tests.helpers import FIXTURES, Workers, read_log, running_system
 
 pytestmark = pytest.mark.slow
 
@@ -49,23 +47,14 @@ def test_two_engines_and_four_workers_apply_every_result_once(
     store = redis_store(redis_prefix)
     log = tmp_path / "calls.log"
     env = {"BACH_TEST_LOG": str(log)}
-    workers: list[subprocess.Popen[str]] = []
+    workers = Workers(store, tmp_path, env, [SCORE])
     with (
         running_system([SCORE], store, tmp_path, "--no-workers", env=env) as one,
         running_system([SCORE], store, tmp_path, "--no-workers", env=env) as two,
     ):
         try:
             for service in ("P", "Q", "R", "S"):
-                args = ["worker", "--score", str(SCORE), "--service", service, "--store", store]
-                workers.append(
-                    subprocess.Popen(
-                        [*BACH, *args],
-                        cwd=tmp_path,
-                        stderr=open(tmp_path / f"worker-{service}.log", "w"),
-                        env={**os.environ, **env},
-                        text=True,
-                    )
-                )
+                workers.start(service)
             started = time.monotonic()
             ids = submit_all([one.url, two.url])
             print(f"submitted in {time.monotonic() - started:.1f}s")
@@ -80,8 +69,7 @@ def test_two_engines_and_four_workers_apply_every_result_once(
             for reader in readers:
                 reader.close()
         finally:
-            for proc in workers:
-                stop(proc)
+            workers.stop_all()
 
     for i, request in enumerate(finished):
         assert request["status"] == "COMPLETE", request
