@@ -115,3 +115,14 @@ def test_sigterm_stops_the_system_and_its_workers(tmp_path: Path) -> None:
         assert "bach: stopped" in system.process.stdout.read()
         _, alive = psutil.wait_procs(workers, timeout=10)
         assert not alive
+
+
+def test_retention_takes_durations_and_refuses_nonsense(tmp_path: Path) -> None:
+    from bach.cli import Duration
+
+    assert Duration().convert("7d", None, None) == 7 * 86400
+    assert Duration().convert("15m", None, None) == 900
+    refused = bach(
+        "serve", "--score", str(EXAMPLES / "arith.yaml"), "--retain", "soon", cwd=tmp_path
+    )
+    assert refused.returncode == 2 and "'soon' is not a duration" in refused.stderr

@@ -4,6 +4,7 @@ sees, without processes or HTTP in the way."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,3 +188,15 @@ async def test_the_engine_gives_back_jobs_of_local_workers_that_died() -> None:
     assert is_dead_local_worker(dead) and not is_dead_local_worker(worker_id("A"))
     await engine.sweep()
     assert len(await backend.lease("A", "w2", 0, 10)) == 1
+
+
+async def test_retention_forgets_ended_requests_at_the_sweep(harness: Harness) -> None:
+    rid, status = await harness.run(Submission(input=5, todo=["A"]))
+    assert status == Status.COMPLETE
+    harness.engine.retain = 3600.0
+    await harness.engine.sweep()
+    assert (await harness.engine.get(rid)).id == rid  # ended just now: kept
+    harness.engine.clock = lambda: time.time() + 7200
+    await harness.engine.sweep()
+    with pytest.raises(NotFound):
+        await harness.engine.get(rid)
