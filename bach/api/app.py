@@ -245,7 +245,7 @@ SERVICE_GAUGES = {
     "running": "jobs held by workers",
     "instances": "worker instances up",
     "arrival_rate": "jobs queued per second, last 2 s",
-    "service_time": "seconds a job takes (Little's law)",
+    "service_time": "seconds a job runs (EWMA of measured jobs)",
     "completed": "jobs completed since start",
     "failed": "jobs failed since start",
     "oldest_queued_age": "seconds the oldest queued job has waited",

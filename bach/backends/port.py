@@ -68,6 +68,8 @@ class Report:
     worker: str
     at: float
     retryable: bool = True
+    #: Seconds the job ran in the worker (0.0 when not measured).
+    elapsed: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -594,6 +594,7 @@ def _report_args(reports: Sequence[Report]) -> list[str]:
                     r.worker,
                     r.at,
                     r.retryable,
+                    r.elapsed,
                 ]
             ),
         ]
@@ -601,8 +602,10 @@ def _report_args(reports: Sequence[Report]) -> list[str]:
 
 
 def _report(text: Any) -> Report:
-    job_id, rid, task, attempt, ok, payload, worker, at, retryable = json.loads(text)
-    return Report(job_id, rid, task, attempt, ok, payload, worker, at, retryable)
+    job_id, rid, task, attempt, ok, payload, worker, at, retryable, *rest = json.loads(text)
+    # Reports written before durations were measured have no tenth field.
+    elapsed = rest[0] if rest else 0.0
+    return Report(job_id, rid, task, attempt, ok, payload, worker, at, retryable, elapsed)
 
 
 def parse_url(url: str) -> tuple[str, str, int]:

@@ -60,7 +60,8 @@ CREATE INDEX IF NOT EXISTS jobs_by_request ON jobs(request_id);
 CREATE TABLE IF NOT EXISTS reports (
     job_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, task TEXT NOT NULL,
     attempt INTEGER NOT NULL, ok INTEGER NOT NULL, payload TEXT NOT NULL,
-    retryable INTEGER NOT NULL, worker TEXT NOT NULL, at REAL NOT NULL);
+    retryable INTEGER NOT NULL, worker TEXT NOT NULL, at REAL NOT NULL,
+    elapsed REAL NOT NULL DEFAULT 0);
 """
 
 _REQUEST_COLS = "id, key, status, version, plan_id, body, created_at, updated_at"
@@ -68,6 +69,13 @@ _JOB_COLS = "id, request_id, task, attempt, service, payload, available_at, time
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "off": "OFF", "extra": "EXTRA"}
 #: Most operations one group commit takes.
 _BATCH = 512
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store made by an earlier version up to this schema."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(reports)")}
+    if "elapsed" not in columns:  # before job durations were reported
+        conn.execute("ALTER TABLE reports ADD COLUMN elapsed REAL NOT NULL DEFAULT 0")
 
 
 def _request(row: Sequence[Any]) -> RequestRecord:
@@ -79,8 +87,10 @@ def _job(row: Sequence[Any]) -> JobRecord:
 
 
 def _report_row(row: Sequence[Any]) -> Report:
-    job_id, request_id, task, attempt, ok, payload, retryable, worker, at = row
-    return Report(job_id, request_id, task, attempt, bool(ok), payload, worker, at, bool(retryable))
+    job_id, request_id, task, attempt, ok, payload, retryable, worker, at, elapsed = row
+    return Report(
+        job_id, request_id, task, attempt, bool(ok), payload, worker, at, bool(retryable), elapsed
+    )
 
 
 class _Op:
@@ -117,6 +127,7 @@ class SqliteBackend:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with contextlib.closing(self._connect()) as conn:
                 conn.executescript(SCHEMA)
+                _migrate(conn)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError("store", f"cannot open {self.path}: {exc}") from None
         self._ops: queue.SimpleQueue[_Op | None] = queue.SimpleQueue()
@@ -497,7 +508,7 @@ def _report(conn: sqlite3.Connection, reports: Sequence[Report], topics: set[str
     conn.executemany("DELETE FROM jobs WHERE id = ?", [(r.job_id,) for r in reports])
     conn.executemany(
         "INSERT OR IGNORE INTO reports (job_id, request_id, task, attempt, ok, payload,"
-        " retryable, worker, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " retryable, worker, at, elapsed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 r.job_id,
@@ -509,6 +520,7 @@ def _report(conn: sqlite3.Connection, reports: Sequence[Report], topics: set[str
                 int(r.retryable),
                 r.worker,
                 r.at,
+                r.elapsed,
             )
             for r in reports
         ],
@@ -558,8 +570,8 @@ def _load_many(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, Reques
 
 def _reports(conn: sqlite3.Connection, limit: int) -> list[Report]:
     rows = conn.execute(
-        "SELECT job_id, request_id, task, attempt, ok, payload, retryable, worker, at"
-        " FROM reports ORDER BY rowid LIMIT ?",
+        "SELECT job_id, request_id, task, attempt, ok, payload, retryable, worker, at,"
+        " elapsed FROM reports ORDER BY rowid LIMIT ?",
         (limit,),
     ).fetchall()
     return [_report_row(row) for row in rows]

@@ -38,6 +38,8 @@ log = logging.getLogger("bach.engine")
 
 #: Reports applied in one step at most.
 BATCH = 256
+#: Weight of the newest job in a service's service-time EWMA.
+SERVICE_TIME_WEIGHT = 0.1
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,8 @@ class Engine:
         self.dispatched: Counter[str] = Counter()
         self.completed: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
+        #: Per service: EWMA of the seconds a job ran in its worker, from the reports.
+        self.service_time: dict[str, float] = {}
 
     # -- requests ------------------------------------------------------------------------
 
@@ -205,7 +209,7 @@ class Engine:
         now = self.clock()
         steps: list[Transition] = []
         ended: dict[str, Request] = {}
-        outcomes: dict[str, list[tuple[str, bool]]] = {}
+        outcomes: dict[str, list[tuple[str, Report]]] = {}
         for rid, batch in grouped.items():
             consumed = tuple(r.job_id for r in batch)
             record = records.get(rid)
@@ -217,7 +221,7 @@ class Engine:
                 continue
             request = await self.plans.request(record)
             tasks = request.plan.by_name
-            outcomes[rid] = [(tasks[r.task].service, r.ok) for r in batch if r.task in tasks]
+            outcomes[rid] = [(tasks[r.task].service, r) for r in batch if r.task in tasks]
             new, effects = request, []
             for report in batch:
                 new, more = machine.advance(new, event_of(report), now)
@@ -241,15 +245,22 @@ class Engine:
         self,
         steps: Sequence[Transition],
         results: Sequence[bool],
-        outcomes: Mapping[str, list[tuple[str, bool]]],
+        outcomes: Mapping[str, list[tuple[str, Report]]],
     ) -> None:
         """Per-service figures of the steps that were committed."""
         for step, ok in zip(steps, results, strict=True):
             if not ok:
                 continue
             self.dispatched.update(job.service for job in step.enqueue)
-            for service, good in outcomes.get(step.request_id, ()):
-                (self.completed if good else self.failed)[service] += 1
+            for service, report in outcomes.get(step.request_id, ()):
+                (self.completed if report.ok else self.failed)[service] += 1
+                if report.elapsed > 0:
+                    old = self.service_time.get(service)
+                    self.service_time[service] = (
+                        report.elapsed
+                        if old is None
+                        else old + SERVICE_TIME_WEIGHT * (report.elapsed - old)
+                    )
 
     @staticmethod
     def _transition(

@@ -72,7 +72,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
         grace=options.grace,
         plugins=options.plugins,
         max_total=options.max_instances,
-        counters=lambda: (engine.dispatched, engine.completed + engine.failed),
+        meter=engine,
     )
 
     async def instances() -> dict[str, object]:

@@ -19,9 +19,9 @@ import signal
 import sys
 import time
 from collections import Counter, defaultdict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from bach.backends.port import Backend
 from bach.core.scaling import Action, Config, Figures, Policy
@@ -30,6 +30,15 @@ from bach.runtime.engine import HOST, worker_id
 from bach.runtime.worker import Worker, drain
 
 log = logging.getLogger("bach.supervisor")
+
+
+class Meter(Protocol):
+    """Per-service figures the supervisor samples (the engine has them)."""
+
+    #: Jobs queued so far.
+    dispatched: Counter[str]
+    #: EWMA of the seconds a job runs.
+    service_time: dict[str, float]
 
 
 @dataclass
@@ -60,7 +69,7 @@ class Supervisor:
         grace: float = 10.0,
         plugins: Sequence[str] = (),
         max_total: int | None = None,
-        counters: Callable[[], tuple[Counter[str], Counter[str]]] | None = None,
+        meter: Meter | None = None,
     ) -> None:
         self.score = score
         self.plugins = list(plugins)
@@ -86,13 +95,13 @@ class Supervisor:
             },
             max_total,
         )
-        #: Counters to sample (the engine's dispatched / completed / failed per service).
-        self.counters = counters
+        #: Where arrivals and service times come from (the engine).
+        self.meter = meter
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.figures: dict[str, Figures] = {}
         #: Jobs held per worker id, as of the last tick.
         self.busy: dict[str, int] = {}
-        self._samples: dict[str, deque[tuple[float, int, int, int]]] = defaultdict(deque)
+        self._samples: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self._last_activity: dict[str, float] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._died: set[str] = set()
@@ -174,45 +183,32 @@ class Supervisor:
             if i.alive
         }
 
-    def _sample(
-        self,
-        name: str,
-        running: int,
-        now: float,
-        dispatched: Counter[str],
-        finished: Counter[str],
-    ) -> tuple[float, float, float | None]:
-        """Arrival rates (short, long window) and service time (Little's law) of a service."""
+    def _rates(self, name: str, now: float, dispatched: int) -> tuple[float, float]:
+        """Arrival rates of a service over a short (2 s) and a long (down window) span."""
         samples = self._samples[name]
-        samples.append((now, dispatched[name], finished[name], running))
+        samples.append((now, dispatched))
         window = self.policy.configs[name].down_window
         while len(samples) > 2 and samples[0][0] < now - window:
             samples.popleft()
 
         def rate(seconds: float) -> float:
             old = next((s for s in samples if s[0] >= now - seconds), samples[0])
-            return (dispatched[name] - old[1]) / max(now - old[0], 0.5)
+            return (dispatched - old[1]) / max(now - old[0], 0.5)
 
-        first = samples[0]
-        span = now - first[0]
-        done = finished[name] - first[2]
-        service_time = None
-        if span > 0 and done > 0:
-            mean_running = sum(s[3] for s in samples) / len(samples)
-            service_time = max(mean_running, 1e-3) / (done / span)
-        return rate(2.0), rate(window), service_time
+        return rate(2.0), rate(window)
 
     async def scale(self) -> None:
         if self._stopping.is_set():
             return
         now = time.monotonic()
         stats = await self.backend.stats(time.time())
-        dispatched, finished = self.counters() if self.counters else (Counter(), Counter())
+        dispatched = self.meter.dispatched if self.meter else Counter[str]()
+        service_times = self.meter.service_time if self.meter else {}
         figures: dict[str, Figures] = {}
         for name, instances in self.instances.items():
             q = stats.queues.get(name)
             queued, running = (q.queued, q.running) if q else (0, 0)
-            short, long, service_time = self._sample(name, running, now, dispatched, finished)
+            short, long = self._rates(name, now, dispatched[name])
             if queued or running or short or name not in self._last_activity:
                 self._last_activity[name] = now  # idle time counts from boot or last work
             active = [i for i in instances if i.alive and not i.draining]
@@ -224,7 +220,7 @@ class Supervisor:
                 idle_instances=sum(1 for i in active if i.ident not in stats.workers),
                 rate_short=short,
                 rate_long=long,
-                service_time=service_time,
+                service_time=service_times.get(name),
                 last_activity=self._last_activity.get(name),
                 oldest_queued_age=None if oldest is None else max(0.0, time.time() - oldest),
             )

@@ -187,6 +187,7 @@ class Worker:
                 self.id,
                 self.clock(),
                 outcome.retryable,
+                elapsed,
             )
         )
         self.done += 1

@@ -44,6 +44,9 @@ def test_a_burst_scales_up_to_max_then_back_to_min(tmp_path: Path) -> None:
         for rid in ids:
             assert http.get(f"/api/requests/{rid}").json()["status"] == "COMPLETE"
         assert peak == 4 and peak_at is not None and peak_at < 2.0, (peak, peak_at)
+        # The service time is measured per job in the worker: about the 20 ms slept.
+        service_time = http.get("/api/stats").json()["services"]["burst"]["service_time"]
+        assert 0.019 <= service_time < 0.2, service_time
         deadline = time.monotonic() + 15
         while instances(http, "burst") > 1 and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -29,8 +29,8 @@ def job(rid: str, task: str, service: str = "A", attempt: int = 1, at: float = N
     return JobRecord(f"{rid}/{task}/{attempt}", rid, task, attempt, service, '{"x": 1}', at, 30.0)
 
 
-def report(j: JobRecord, ok: bool = True, payload: str = "7") -> Report:
-    return Report(j.id, j.request_id, j.task, j.attempt, ok, payload, "w1", NOW)
+def report(j: JobRecord, ok: bool = True, payload: str = "7", elapsed: float = 0.0) -> Report:
+    return Report(j.id, j.request_id, j.task, j.attempt, ok, payload, "w1", NOW, True, elapsed)
 
 
 async def test_every_backend_module_is_in_the_conformance_suite() -> None:
@@ -116,11 +116,12 @@ async def test_report_acks_the_job_and_feeds_the_completion_channel(backend: Bac
     j = job("r1", "a")
     await backend.create(record("r1"), "plan1", "{}", [j])
     await backend.lease("A", "w1", NOW, 10)
-    await backend.report([report(j)])
+    await backend.report([report(j, elapsed=0.25)])
     await backend.report([report(j)])  # a duplicate collapses into the first
     assert await backend.requeue_expired(NOW + 100) == 0  # acked: never redelivered
     assert await backend.lease("A", "w2", NOW + 100, 10) == []
-    assert await backend.reports(10) == [report(j)]
+    # The job's measured run time comes back with it (the service-time EWMA's input).
+    assert await backend.reports(10) == [report(j, elapsed=0.25)]
 
 
 async def test_commit_applies_state_jobs_and_consumed_reports_atomically(backend: Backend) -> None:

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from bach.backends import open_backend
-from bach.backends.port import Backend, Transition
-from bach.backends.redis import parse_url
+from bach.backends.port import Backend, Report, Transition
+from bach.backends.redis import _report, parse_url
 from bach.errors import StoreError
 from tests.backends.test_conformance import NOW, job, record, report
 from tests.conftest import drop_prefix, redis_store, redis_url
@@ -123,3 +123,8 @@ async def test_first_waits_on_several_bells_at_once_all_get_their_rings(
     await two.report([report(job("r1", "a"))])
     await waiter
     assert loop.time() - started < 1.0
+
+
+def test_a_report_written_before_job_durations_still_reads() -> None:
+    old = '["r1/a/1", "r1", "a", 1, true, "7", "w1", 5.0, true]'
+    assert _report(old) == Report("r1/a/1", "r1", "a", 1, True, "7", "w1", 5.0, True, 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bach.backends import open_backend, sqlite_path
-from bach.backends.port import JobRecord, RequestRecord
+from bach.backends.port import JobRecord, Report, RequestRecord
 from bach.backends.sqlite import SqliteBackend
 from bach.errors import StoreError
 
@@ -104,3 +105,26 @@ def test_a_store_that_cannot_be_created_names_the_file(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreError, match="cannot open"):
         SqliteBackend(f"sqlite:///{blocker}/sub/bach.db")
+
+
+async def test_a_store_from_before_job_durations_opens_and_keeps_its_reports(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as conn:  # the reports table as it was before `elapsed`
+        conn.execute(
+            "CREATE TABLE reports (job_id TEXT PRIMARY KEY, request_id TEXT NOT NULL,"
+            " task TEXT NOT NULL, attempt INTEGER NOT NULL, ok INTEGER NOT NULL,"
+            " payload TEXT NOT NULL, retryable INTEGER NOT NULL, worker TEXT NOT NULL,"
+            " at REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO reports VALUES ('r1/a/1', 'r1', 'a', 1, 1, '7', 1, 'w1', 5.0)")
+    store = SqliteBackend(f"sqlite:///{path}")
+    try:
+        (old,) = await store.reports(10)
+        assert (old.job_id, old.payload, old.elapsed) == ("r1/a/1", "7", 0.0)
+        new = Report("r2/a/1", "r2", "a", 1, True, "8", "w1", 6.0, True, 0.5)
+        await store.report([new])
+        assert await store.reports(10) == [old, new]
+    finally:
+        await store.close()
