@@ -191,6 +191,14 @@ def _load(scores: tuple[str, ...], check: bool = False) -> Any:
     type=click.IntRange(min=1),
     help="cap on worker instances over all services; default each service's max only",
 )
+@_option(
+    "--fork-server/--no-fork-server",
+    env="BACH_FORK_SERVER",
+    default=True,
+    show_default=True,
+    help="start workers by forking a process that has Bach imported (milliseconds, not"
+    " half a second); off: each worker is a new Python process",
+)
 @plugin_option
 @_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
 @_errors_to_exit
@@ -204,6 +212,7 @@ def serve(
     grace: float,
     retain: float | None,
     max_instances: int | None,
+    fork_server: bool,
     plugins: tuple[str, ...],
     log_level: str,
 ) -> None:
@@ -226,6 +235,7 @@ def serve(
         retain=retain,
         max_instances=max_instances,
         plugins=plugins,
+        fork_server=fork_server,
     )
     run_loop(serve(score, options, registry))
 
@@ -253,6 +263,7 @@ def serve(
 )
 @plugin_option
 @click.option("--parent-pid", type=int, default=None, hidden=True)
+@click.option("--ready-fd", type=int, default=None, hidden=True)
 @_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
 @_errors_to_exit
 def worker(
@@ -264,6 +275,7 @@ def worker(
     lease: float,
     plugins: tuple[str, ...],
     parent_pid: int | None,
+    ready_fd: int | None,
     log_level: str,
 ) -> None:
     """Serve one service: take its jobs from the store, run them, report back."""
@@ -281,6 +293,7 @@ def worker(
             grace=grace,
             lease=lease,
             plugins=plugins,
+            ready_fd=ready_fd,
         )
     )
     sys.stdout.flush()

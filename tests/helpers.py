@@ -30,10 +30,21 @@ class System:
     log: Path
 
     def children(self) -> list[psutil.Process]:
+        """Every process the system started: the fork server and the workers."""
         try:
             return psutil.Process(self.process.pid).children(recursive=True)
         except psutil.NoSuchProcess:
             return []
+
+    def workers(self) -> list[psutil.Process]:
+        return [p for p in self.children() if "bach worker" in " ".join(_cmdline(p))]
+
+
+def _cmdline(proc: psutil.Process) -> list[str]:
+    try:
+        return proc.cmdline()
+    except psutil.Error:
+        return []
 
 
 def start_system(

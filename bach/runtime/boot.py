@@ -7,6 +7,7 @@ it starts in about half the time, which is what a cold start of a service costs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -107,8 +108,12 @@ async def run_worker(
     grace: float = 10.0,
     lease: float = 15.0,
     plugins: Sequence[str] = (),
+    ready_fd: int | None = None,
 ) -> int:
-    """Serve one service until SIGTERM. Returns the process exit status."""
+    """Serve one service until SIGTERM. Returns the process exit status.
+
+    ``ready_fd``: a pipe to write one byte to (and close) once the worker can take jobs,
+    which is how the supervisor tells an instance still starting from one that is up."""
     _, loaded = load_plugins(score, plugins)
     for name, reason in loaded.broken:
         log.error("plugin %s is broken and was not loaded: %s", name, reason)
@@ -126,6 +131,11 @@ async def run_worker(
     stop = asyncio.Event()
     stop_on_signals(stop)
     task = asyncio.create_task(worker.run(parent_pid=parent_pid))
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, b"1")
+        with contextlib.suppress(OSError):
+            os.close(ready_fd)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([task, stopper], return_when=asyncio.FIRST_COMPLETED)
     await drain(worker, task, grace)

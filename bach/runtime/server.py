@@ -42,6 +42,8 @@ class ServeOptions:
     max_instances: int | None = None
     #: Plugin modules named on the command line (``--plugin``).
     plugins: tuple[str, ...] = ()
+    #: Start worker processes by forking a template that has imported Bach.
+    fork_server: bool = True
 
 
 class _Server(uvicorn.Server):
@@ -73,6 +75,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
         plugins=options.plugins,
         max_total=options.max_instances,
         meter=engine,
+        fork_server=options.fork_server,
     )
 
     async def instances() -> dict[str, object]:

@@ -27,9 +27,13 @@ from bach.backends.port import Backend
 from bach.core.scaling import Action, Config, Figures, Policy
 from bach.core.score import Score, Service
 from bach.runtime.engine import HOST, worker_id
+from bach.runtime.forkserver import ForkServer
 from bach.runtime.worker import Worker, drain
 
 log = logging.getLogger("bach.supervisor")
+
+#: Seconds a new instance is assumed to take to start, until one has been measured.
+COLD_START = 0.5
 
 
 class Meter(Protocol):
@@ -41,14 +45,31 @@ class Meter(Protocol):
     service_time: dict[str, float]
 
 
+class Proc(Protocol):
+    """A worker process: an asyncio subprocess, or one the fork server started."""
+
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+    def kill(self) -> None: ...
+
+    async def wait(self) -> int: ...
+
+
 @dataclass
 class Instance:
     service: str
     ident: str
-    process: asyncio.subprocess.Process | None = None
+    process: Proc | None = None
     task: asyncio.Task[None] | None = None
     worker: Worker | None = None
     started: float = field(default_factory=time.monotonic)
+    #: When the worker said it can take jobs (None: still starting).
+    ready: float | None = None
     draining: bool = False
 
     @property
@@ -70,6 +91,7 @@ class Supervisor:
         plugins: Sequence[str] = (),
         max_total: int | None = None,
         meter: Meter | None = None,
+        fork_server: bool = True,
     ) -> None:
         self.score = score
         self.plugins = list(plugins)
@@ -105,24 +127,26 @@ class Supervisor:
         self._last_activity: dict[str, float] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._died: set[str] = set()
+        #: Starts new worker processes by forking a process that has imported Bach.
+        self.forks = None if in_process or not fork_server else ForkServer(self._on_ready)
+        #: Per service: EWMA of the seconds from asking for an instance to its being ready.
+        self.startup: dict[str, float] = {}
 
     def _new_id(self, service: str) -> str:
         self._count += 1
         return f"{HOST}:{os.getpid()}:{service}:w{self._count}"
 
     async def start_instance(self, service: Service) -> Instance:
-        ident = self._new_id(service.name)
-        instance = Instance(service.name, ident)
+        instance = Instance(service.name, self._new_id(service.name))
         if self.in_process:
             worker = Worker(
-                self.backend, service, ident=ident, concurrency=service.spec.concurrency
+                self.backend, service, ident=instance.ident, concurrency=service.spec.concurrency
             )
             instance.worker = worker
-            instance.task = asyncio.create_task(worker.run(), name=ident)
+            instance.task = asyncio.create_task(worker.run(), name=instance.ident)
+            instance.ready = instance.started
         else:
-            instance.process = await asyncio.create_subprocess_exec(
-                *self._command(service.name), start_new_session=True
-            )
+            instance.process = await self._spawn(service.name)
             # The worker names itself the same way (engine.worker_id), from its own pid,
             # so the engine can tell when it has died.
             instance.ident = worker_id(service.name, instance.process.pid)
@@ -130,10 +154,59 @@ class Supervisor:
         log.info("started %s", instance.ident)
         return instance
 
-    def _command(self, service: str) -> list[str]:
-        cmd = [sys.executable, "-m", "bach", "worker", "--service", service]
+    async def _spawn(self, service: str) -> Proc:
+        """A worker process: forked from the fork server, or started afresh if it is down."""
+        argv = self._arguments(service)
+        if self.forks is not None and self.forks.alive:
+            try:
+                return await self.forks.spawn(argv)
+            except OSError as exc:
+                log.warning("fork server could not start a worker (%s); starting one afresh", exc)
+        ready_r, ready_w = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bach",
+                *argv,
+                "--parent-pid",
+                str(os.getpid()),
+                "--ready-fd",
+                str(ready_w),
+                pass_fds=[ready_w],
+                start_new_session=True,
+            )
+        except BaseException:
+            os.close(ready_r)
+            raise
+        finally:
+            os.close(ready_w)
+        loop = asyncio.get_running_loop()
+
+        def readable() -> None:
+            loop.remove_reader(ready_r)
+            with contextlib.suppress(OSError):
+                if os.read(ready_r, 1):
+                    self._on_ready(process.pid)
+            os.close(ready_r)
+
+        loop.add_reader(ready_r, readable)
+        return process
+
+    def _on_ready(self, pid: int) -> None:
+        for instances in self.instances.values():
+            for instance in instances:
+                if instance.process is not None and instance.process.pid == pid:
+                    instance.ready = time.monotonic()
+                    took = instance.ready - instance.started
+                    old = self.startup.get(instance.service)
+                    self.startup[instance.service] = took if old is None else (old + took) / 2
+                    log.info("%s ready in %.3f s", instance.ident, took)
+                    return
+
+    def _arguments(self, service: str) -> list[str]:
+        cmd = ["worker", "--service", service]
         cmd += ["--store", self.store, "--grace", str(self.grace)]
-        cmd += ["--parent-pid", str(os.getpid())]
         cmd += ["--concurrency", str(self.score.services[service].spec.concurrency)]
         for file in self.score.files:
             cmd += ["--score", file]
@@ -142,6 +215,11 @@ class Supervisor:
         return cmd
 
     async def start(self) -> None:
+        if self.forks is not None:
+            try:
+                await self.forks.start()
+            except OSError as exc:
+                log.warning("no fork server (%s); workers start as new processes", exc)
         for service in self.score.services.values():
             for _ in range(service.spec.low):
                 await self.start_instance(service)
@@ -176,12 +254,8 @@ class Supervisor:
                 )
 
     def states(self, service: str) -> dict[str, str]:
-        """Each live instance of a service: busy (holds jobs), idle, or draining."""
-        return {
-            i.ident: "draining" if i.draining else "busy" if i.ident in self.busy else "idle"
-            for i in self.instances[service]
-            if i.alive
-        }
+        """Each live instance of a service: starting, busy (holds jobs), idle, or draining."""
+        return {i.ident: _state(i, self.busy) for i in self.instances[service] if i.alive}
 
     def _rates(self, name: str, now: float, dispatched: int) -> tuple[float, float]:
         """Arrival rates of a service over a short (2 s) and a long (down window) span."""
@@ -217,12 +291,13 @@ class Supervisor:
                 queued=queued,
                 running=running,
                 instances=len(active),
-                idle_instances=sum(1 for i in active if i.ident not in stats.workers),
+                idle_instances=sum(1 for i in active if _state(i, stats.workers) == "idle"),
                 rate_short=short,
                 rate_long=long,
                 service_time=service_times.get(name),
                 last_activity=self._last_activity.get(name),
                 oldest_queued_age=None if oldest is None else max(0.0, time.time() - oldest),
+                cold_start=self.startup.get(name, COLD_START),
             )
         self.figures = figures
         self.busy = dict(stats.workers)
@@ -242,9 +317,7 @@ class Supervisor:
                 await self.start_instance(service)
         else:
             idle = [
-                i
-                for i in self.instances[action.service]
-                if i.alive and not i.draining and i.ident not in busy
+                i for i in self.instances[action.service] if i.alive and _state(i, busy) == "idle"
             ]
             for instance in sorted(idle, key=lambda i: i.started, reverse=True)[: action.count]:
                 instance.draining = True
@@ -269,6 +342,8 @@ class Supervisor:
         self._stopping.set()
         everyone = [i for instances in self.instances.values() for i in instances]
         await asyncio.gather(*(self._stop_instance(i) for i in everyone))
+        if self.forks is not None:
+            await self.forks.close()
 
     async def _stop_instance(self, instance: Instance) -> None:
         if instance.worker is not None and instance.task is not None:
@@ -286,3 +361,11 @@ class Supervisor:
                 proc.kill()
             await proc.wait()
             await self.backend.release_worker(instance.ident)
+
+
+def _state(instance: Instance, busy: Mapping[str, int]) -> str:
+    if instance.draining:
+        return "draining"
+    if instance.ready is None:
+        return "starting"
+    return "busy" if instance.ident in busy else "idle"

@@ -106,14 +106,14 @@ def test_diamond_runs_b_and_c_at_once_on_two_processes_and_d_once(tmp_path: Path
 def test_sigterm_stops_the_system_and_its_workers(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path}/bach.db"
     with running_system([EXAMPLES / "arith.yaml"], store, tmp_path) as system:
-        workers = system.children()
-        assert len(workers) == 2
+        assert len(system.workers()) == 2  # one for each service
+        started = system.children()  # the workers and the fork server
         system.process.send_signal(signal.SIGTERM)
         system.process.wait(30)
         assert system.process.returncode == 0
         assert system.process.stdout is not None
         assert "bach: stopped" in system.process.stdout.read()
-        _, alive = psutil.wait_procs(workers, timeout=10)
+        _, alive = psutil.wait_procs(started, timeout=10)
         assert not alive
 
 
