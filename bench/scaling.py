@@ -3,11 +3,12 @@
 Three `bach serve` systems on their own SQLite stores, one service `work` (a Python
 handler sleeping ``--ms`` milliseconds per job):
 
-- auto:  min_instances 1, max_instances ``--max``, idle_timeout ``--idle``
-- one:   a fixed single instance
-- max:   a fixed ``--max`` instances
+- auto:   min_instances 1, max_instances ``--max``, idle_timeout ``--idle``
+- spawn:  the same, with ``--no-fork-server`` (each new worker a new Python process)
+- one:    a fixed single instance
+- max:    a fixed ``--max`` instances
 
-Each round sends ``--jobs`` requests of one job to each system in turn (A/B/C order
+Each round sends ``--jobs`` requests of one job to each system in turn (the order
 rotating) and times from the first submit until no request is active. Before each
 auto round the system has been idle long enough to be back at its minimum, so every
 burst starts cold. Medians over ``--rounds``; the ratio auto/max is the target (within
@@ -105,6 +106,7 @@ def main() -> None:
         home = Path(tmp)
         setups = {
             "auto": (1, args.max),
+            "spawn": (1, args.max),
             "one": (1, 1),
             "max": (args.max, args.max),
         }
@@ -116,13 +118,15 @@ def main() -> None:
                 # The handler module sits beside the score, where handlers are looked up.
                 (folder / "chain_services.py").write_text((HERE / "chain_services.py").read_text())
                 path = score(folder / "score.yaml", low, high, args.idle)
-                systems[name] = BachSystem(f"sqlite:///{folder}/bach.db", folder, path)
+                extra = ["--no-fork-server"] if name == "spawn" else []
+                systems[name] = BachSystem(f"sqlite:///{folder}/bach.db", folder, path, *extra)
             times: dict[str, list[float]] = {name: [] for name in setups}
             peaks: dict[str, list[int]] = {name: [] for name in setups}
             idle: dict[str, list[int]] = {name: [] for name in setups}
             order = list(setups)
             for round_no in range(args.rounds):
-                for name in order[round_no % 3 :] + order[: round_no % 3]:
+                turn = round_no % len(order)
+                for name in order[turn:] + order[:turn]:
                     low = setups[name][0]
                     idle[name].append(settle(systems[name].base, low, 4 * args.idle + 30))
                     elapsed, peak = burst(systems[name].base, args.jobs, args.ms)
@@ -142,6 +146,7 @@ def main() -> None:
         )
     print(f"  ratio auto/max time: {med['auto'] / med['max']:.2f}  (target: at most 1.20)")
     print(f"  ratio one/auto time: {med['one'] / med['auto']:.2f}")
+    print(f"  ratio spawn/max time: {med['spawn'] / med['max']:.2f}  (without the fork server)")
 
 
 if __name__ == "__main__":

@@ -175,11 +175,13 @@ async def bach_chains(base: str, values: range, concurrency: int) -> list[float]
 class BachSystem:
     name = "bach"
 
-    def __init__(self, store: str, workdir: Path, score: Path = HERE / "chain.yaml"):
+    def __init__(
+        self, store: str, workdir: Path, score: Path = HERE / "chain.yaml", *extra: str
+    ) -> None:
         log = open(workdir / "bach-serve.log", "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "bach", "serve", "--score", str(score),
-             "--store", store, "--port", "0", "--log-level", "WARNING"],
+             "--store", store, "--port", "0", "--log-level", "WARNING", *extra],
             cwd=workdir, stdout=subprocess.PIPE, stderr=log, text=True,
         )  # fmt: skip
         assert self.proc.stdout is not None

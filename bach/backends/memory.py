@@ -6,7 +6,7 @@ Everything runs on the event loop, so each method is atomic by construction.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -59,6 +59,7 @@ class MemoryBackend:
         self._jobs: dict[str, _Slot] = {}
         self._reports: dict[str, Report] = {}
         self._seq = 0
+        self._arrivals: Counter[str] = Counter()
         self._signal = _Signal()
 
     async def create(
@@ -119,6 +120,7 @@ class MemoryBackend:
             if job.id not in self._jobs:
                 self._seq += 1
                 self._jobs[job.id] = _Slot(job, self._seq)
+                self._arrivals[job.service] += 1
                 self._signal.ring("jobs:" + job.service)
 
     async def lease(
@@ -233,6 +235,8 @@ class MemoryBackend:
                     oldest = min(oldest, q.oldest_queued_at)
                 q = replace(q, queued=q.queued + 1, oldest_queued_at=oldest)
             queues[slot.job.service] = q
+        for service, count in self._arrivals.items():
+            queues[service] = replace(queues.get(service, QueueStats()), enqueued=count)
         return Stats(dict(counts), queues, len(self._reports), dict(workers))
 
     async def wait_jobs(self, service: str, timeout: float) -> None:

@@ -93,6 +93,9 @@ class QueueStats:
     delayed: int = 0
     running: int = 0
     oldest_queued_at: float | None = None
+    #: Jobs ever queued for the service in this store, by every engine: arrival rates
+    #: come from its differences.
+    enqueued: int = 0
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ Python and for the Lua scripts alike):
 ``p:queue:<service>``          zset    queued job ids by available_at (due when <= now)
 ``p:running:<service>``        set     that service's leased job ids
 ``p:services``                 set     service names that have had jobs
+``p:arrivals``                 hash    service -> jobs ever queued (arrival rates)
 ``p:leases``                   zset    leased job ids by lease end (expiry sweep)
 ``p:held:<worker>``            set     job ids a worker holds
 ``p:workers``                  set     workers holding at least one job
@@ -105,6 +106,7 @@ LAYOUT: dict[str, tuple[str, bool]] = {
     "queue": ("queue", True),
     "running": ("running", True),
     "services": ("services", False),
+    "arrivals": ("arrivals", False),
     "leases": ("leases", False),
     "held": ("held", True),
     "workers": ("workers", False),
@@ -174,6 +176,7 @@ local function enqueue(f)
     'worker', '', 'until', '0', 'deliveries', '0')
   redis.call('ZADD', K.queue(f[5]), f[7], f[1])
   redis.call('SADD', K.services, f[5])
+  redis.call('HINCRBY', K.arrivals, f[5], 1)
   redis.call('SADD', K.rjobs(f[2]), f[1])
   ring(K.bell_jobs(f[5]))
 end
@@ -499,7 +502,7 @@ for _, service in ipairs(redis.call('SMEMBERS', K.services)) do
   local oldest = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
   queues[#queues + 1] = {service, redis.call('ZCOUNT', q, '-inf', now),
     redis.call('ZCOUNT', q, '(' .. now, '+inf'), redis.call('SCARD', K.running(service)),
-    oldest[2] or ''}
+    oldest[2] or '', redis.call('HGET', K.arrivals, service) or '0'}
 end
 local workers = {}
 for _, worker in ipairs(redis.call('SMEMBERS', K.workers)) do
@@ -852,11 +855,10 @@ class RedisBackend:
             if int(requests[i + 1])
         }
         per_service: dict[str, QueueStats] = {}
-        for service, queued, delayed, running, oldest in queues:
+        for service, queued, delayed, running, oldest, arrivals in queues:
             queued, delayed, running = int(queued), int(delayed), int(running)
-            if queued or delayed or running:
-                first = float(oldest) if oldest and queued else None
-                per_service[_text(service)] = QueueStats(queued, delayed, running, first)
+            first = float(oldest) if oldest and queued else None
+            per_service[_text(service)] = QueueStats(queued, delayed, running, first, int(arrivals))
         holders = {_text(workers[i]): int(workers[i + 1]) for i in range(0, len(workers), 2)}
         return Stats(counts, per_service, int(reports), holders)
 

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -62,6 +63,7 @@ CREATE TABLE IF NOT EXISTS reports (
     attempt INTEGER NOT NULL, ok INTEGER NOT NULL, payload TEXT NOT NULL,
     retryable INTEGER NOT NULL, worker TEXT NOT NULL, at REAL NOT NULL,
     elapsed REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS arrivals (service TEXT PRIMARY KEY, jobs INTEGER NOT NULL);
 """
 
 _REQUEST_COLS = "id, key, status, version, plan_id, body, created_at, updated_at"
@@ -468,6 +470,8 @@ class SqliteBackend:
                 {"now": now},
             ):
                 queues[service] = QueueStats(queued, delayed, running, oldest)
+            for service, count in conn.execute("SELECT service, jobs FROM arrivals"):
+                queues[service] = replace(queues.get(service, QueueStats()), enqueued=count)
             workers = dict(
                 conn.execute(
                     "SELECT worker, count(*) FROM jobs WHERE worker IS NOT NULL GROUP BY worker"
@@ -544,16 +548,25 @@ def _begin(conn: sqlite3.Connection, patience: float = 60.0) -> None:
 
 
 def _enqueue(conn: sqlite3.Connection, jobs: Sequence[JobRecord], topics: set[str]) -> None:
-    if not jobs:
-        return
-    conn.executemany(
-        f"INSERT OR IGNORE INTO jobs ({_JOB_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [
-            (j.id, j.request_id, j.task, j.attempt, j.service, j.payload, j.available_at, j.timeout)
-            for j in jobs
-        ],
-    )
-    topics.update("jobs:" + j.service for j in jobs)
+    by_service: dict[str, list[JobRecord]] = {}
+    for job in jobs:
+        by_service.setdefault(job.service, []).append(job)
+    for service, group in by_service.items():
+        added = conn.executemany(
+            f"INSERT OR IGNORE INTO jobs ({_JOB_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (j.id, j.request_id, j.task, j.attempt, j.service, j.payload, j.available_at,
+                 j.timeout)
+                for j in group
+            ],
+        ).rowcount  # fmt: skip
+        if added > 0:
+            conn.execute(
+                "INSERT INTO arrivals (service, jobs) VALUES (?, ?)"
+                " ON CONFLICT (service) DO UPDATE SET jobs = jobs + excluded.jobs",
+                (service, added),
+            )
+        topics.add("jobs:" + service)
 
 
 def _load_many(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, RequestRecord]:

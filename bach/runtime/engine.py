@@ -88,8 +88,8 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[Request]]] = defaultdict(list)
         self._stopping = asyncio.Event()
         self.applied = 0
-        #: Per service, since start: jobs this engine queued, and outcomes it applied.
-        self.dispatched: Counter[str] = Counter()
+        #: Per service, since start: outcomes this engine applied. (Arrivals are counted
+        #: by the store, over every engine: ``QueueStats.enqueued``.)
         self.completed: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
         #: Per service: EWMA of the seconds a job ran in its worker, from the reports.
@@ -141,7 +141,6 @@ class Engine:
         )
         if not created:
             return await self._request(stored), False
-        self.dispatched.update(d.service for d in dispatches)
         return request, True
 
     async def _request(self, record: RequestRecord) -> Request:
@@ -251,7 +250,6 @@ class Engine:
         for step, ok in zip(steps, results, strict=True):
             if not ok:
                 continue
-            self.dispatched.update(job.service for job in step.enqueue)
             for service, report in outcomes.get(step.request_id, ()):
                 (self.completed if report.ok else self.failed)[service] += 1
                 if report.elapsed > 0:

@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter, defaultdict, deque
+from collections import defaultdict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,8 +39,6 @@ COLD_START = 0.5
 class Meter(Protocol):
     """Per-service figures the supervisor samples (the engine has them)."""
 
-    #: Jobs queued so far.
-    dispatched: Counter[str]
     #: EWMA of the seconds a job runs.
     service_time: dict[str, float]
 
@@ -276,13 +274,13 @@ class Supervisor:
             return
         now = time.monotonic()
         stats = await self.backend.stats(time.time())
-        dispatched = self.meter.dispatched if self.meter else Counter[str]()
         service_times = self.meter.service_time if self.meter else {}
         figures: dict[str, Figures] = {}
         for name, instances in self.instances.items():
             q = stats.queues.get(name)
             queued, running = (q.queued, q.running) if q else (0, 0)
-            short, long = self._rates(name, now, dispatched[name])
+            # Arrivals as the store counts them: every engine's, not only this one's.
+            short, long = self._rates(name, now, q.enqueued if q else 0)
             if queued or running or short or name not in self._last_activity:
                 self._last_activity[name] = now  # idle time counts from boot or last work
             active = [i for i in instances if i.alive and not i.draining]

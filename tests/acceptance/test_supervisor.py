@@ -134,3 +134,23 @@ async def test_an_instance_is_starting_until_its_worker_says_it_is_ready(tmp_pat
         await backend.close()
     # Stopped with SIGTERM while idle: it drained and exited cleanly.
     assert instance.process is not None and instance.process.returncode == 0
+
+
+def test_arrivals_queued_through_another_engine_count_for_scaling(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/bach.db"
+    with (
+        running_system([SCORE], store, tmp_path) as supervising,
+        running_system([SCORE], store, tmp_path, "--no-workers") as other,
+    ):
+        http = httpx.Client(base_url=supervising.url, timeout=30)
+        front = httpx.Client(base_url=other.url, timeout=30)
+        ids = [submit(front, i, sleep=0.01) for i in range(60)]
+        # The supervising engine queued none of these, yet sees them arrive and scales.
+        rates = []
+        while any(status(front, rid) != "COMPLETE" for rid in ids[-1:]):
+            rates.append(http.get("/api/stats").json()["services"]["burst"]["arrival_rate"])
+            time.sleep(0.1)
+        assert max(rates, default=0) > 0, rates
+        assert all(status(front, rid) == "COMPLETE" for rid in ids)
+        http.close()
+        front.close()

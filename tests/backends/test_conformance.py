@@ -208,6 +208,22 @@ async def test_stats_count_requests_and_queues(backend: Backend) -> None:
     assert stats.workers == {"w1": 1}
 
 
+async def test_stats_count_each_job_queued_once_as_an_arrival(backend: Backend) -> None:
+    a, b = job("r1", "a"), job("r1", "b")
+    await backend.create(record("r1"), "plan1", "{}", [a, b])
+    await backend.create(record("r1"), "plan1", "{}", [a, b])  # the same request again
+    [lease] = await backend.lease("A", "w1", NOW, 10)
+    await backend.release([lease.job.id], "w1")  # back on the queue: not a new arrival
+    [lease] = await backend.lease("A", "w1", NOW, 10)
+    await backend.report([report(lease.job)])
+    retry = job("r1", "a", attempt=2)
+    step = Transition("r1", 0, record("r1", version=1), (retry,), (lease.job.id,))
+    assert await backend.commit([step]) == [True]
+    stats = await backend.stats(NOW)
+    assert stats.queues["A"].enqueued == 3  # a, b and a's second attempt
+    assert "B" not in stats.queues
+
+
 async def test_waiting_for_jobs_wakes_on_enqueue(backend: Backend) -> None:
     await backend.create(record("r1"), "plan1", "{}", [])
     assert await backend.lease("A", "w1", NOW, 10) == []  # starts listening

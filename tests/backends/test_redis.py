@@ -54,6 +54,14 @@ async def test_a_request_ended_by_one_process_is_announced_to_another(
     assert await two.wait_ended(2.0) == ["r1"]
 
 
+async def test_arrivals_count_what_every_engine_queued(pair: tuple[Backend, Backend]) -> None:
+    one, two = pair
+    await one.create(record("r1"), "plan1", "{}", [job("r1", "a")])
+    await two.create(record("r2"), "plan1", "{}", [job("r2", "a"), job("r2", "b")])
+    for backend in pair:
+        assert (await backend.stats(NOW)).queues["A"].enqueued == 3
+
+
 async def test_a_worker_in_another_process_is_woken_by_an_enqueue(
     pair: tuple[Backend, Backend],
 ) -> None:
