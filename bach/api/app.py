@@ -205,6 +205,8 @@ async def gather_stats(request: Request, engine: Engine) -> dict[str, Any]:
             "delayed": q.delayed if q else 0,
             "running": q.running if q else 0,
             "oldest_queued_age": None if oldest is None else round(now - oldest, 3),
+            "completed": q.completed if q else 0,
+            "failed": q.failed if q else 0,
         }
     active = [
         r for status in ("PENDING", "RUNNING") for r in await engine.list_requests(status, 10_000)
@@ -246,8 +248,8 @@ SERVICE_GAUGES = {
     "instances": "worker instances up",
     "arrival_rate": "jobs queued per second, last 2 s",
     "service_time": "seconds a job runs (EWMA of measured jobs)",
-    "completed": "jobs completed since start",
-    "failed": "jobs failed since start",
+    "completed": "jobs reported done, by every worker on the store",
+    "failed": "job attempts that failed, by every worker on the store",
     "oldest_queued_age": "seconds the oldest queued job has waited",
 }
 

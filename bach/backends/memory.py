@@ -60,6 +60,7 @@ class MemoryBackend:
         self._reports: dict[str, Report] = {}
         self._seq = 0
         self._arrivals: Counter[str] = Counter()
+        self._outcomes: Counter[tuple[str, bool]] = Counter()
         self._signal = _Signal()
 
     async def create(
@@ -167,7 +168,9 @@ class MemoryBackend:
 
     async def report(self, reports: Sequence[Report]) -> None:
         for report in reports:
-            self._jobs.pop(report.job_id, None)
+            slot = self._jobs.pop(report.job_id, None)
+            if slot is not None:
+                self._outcomes[slot.job.service, report.ok] += 1
             self._reports.setdefault(report.job_id, report)
         if reports:
             self._signal.ring("reports")
@@ -236,7 +239,12 @@ class MemoryBackend:
                 q = replace(q, queued=q.queued + 1, oldest_queued_at=oldest)
             queues[slot.job.service] = q
         for service, count in self._arrivals.items():
-            queues[service] = replace(queues.get(service, QueueStats()), enqueued=count)
+            queues[service] = replace(
+                queues.get(service, QueueStats()),
+                enqueued=count,
+                completed=self._outcomes[service, True],
+                failed=self._outcomes[service, False],
+            )
         return Stats(dict(counts), queues, len(self._reports), dict(workers))
 
     async def wait_jobs(self, service: str, timeout: float) -> None:

@@ -96,6 +96,9 @@ class QueueStats:
     #: Jobs ever queued for the service in this store, by every engine: arrival rates
     #: come from its differences.
     enqueued: int = 0
+    #: Jobs reported done / failed (each attempt once), by every worker.
+    completed: int = 0
+    failed: int = 0
 
 
 @dataclass(frozen=True)

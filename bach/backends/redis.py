@@ -21,7 +21,8 @@ Python and for the Lua scripts alike):
 ``p:queue:<service>``          zset    queued job ids by available_at (due when <= now)
 ``p:running:<service>``        set     that service's leased job ids
 ``p:services``                 set     service names that have had jobs
-``p:arrivals``                 hash    service -> jobs ever queued (arrival rates)
+``p:counts``                   hash    ``<service>:enqueued|completed|failed`` -> jobs ever
+                                       queued (arrival rates) and reported ok / not ok
 ``p:leases``                   zset    leased job ids by lease end (expiry sweep)
 ``p:held:<worker>``            set     job ids a worker holds
 ``p:workers``                  set     workers holding at least one job
@@ -106,7 +107,7 @@ LAYOUT: dict[str, tuple[str, bool]] = {
     "queue": ("queue", True),
     "running": ("running", True),
     "services": ("services", False),
-    "arrivals": ("arrivals", False),
+    "counts": ("counts", False),
     "leases": ("leases", False),
     "held": ("held", True),
     "workers": ("workers", False),
@@ -176,7 +177,7 @@ local function enqueue(f)
     'worker', '', 'until', '0', 'deliveries', '0')
   redis.call('ZADD', K.queue(f[5]), f[7], f[1])
   redis.call('SADD', K.services, f[5])
-  redis.call('HINCRBY', K.arrivals, f[5], 1)
+  redis.call('HINCRBY', K.counts, f[5] .. ':enqueued', 1)
   redis.call('SADD', K.rjobs(f[2]), f[1])
   ring(K.bell_jobs(f[5]))
 end
@@ -213,10 +214,11 @@ local function requeue(id, uncount)
 end
 
 -- a report acks its job (wherever it is) and joins the completion channel once
-local function take_report(id, report)
+local function take_report(id, ok, report)
   local jk = K.job(id)
   local f = redis.call('HMGET', jk, 'service', 'worker', 'request_id')
   if f[1] then
+    redis.call('HINCRBY', K.counts, f[1] .. (ok == '1' and ':completed' or ':failed'), 1)
     redis.call('ZREM', K.queue(f[1]), id)
     redis.call('SREM', K.running(f[1]), id)
     redis.call('ZREM', K.leases, id)
@@ -234,7 +236,8 @@ local function read_reports()
   local n = tonumber(arg())
   for _ = 1, n do
     local id = arg()
-    take_report(id, arg())
+    local ok = arg()
+    take_report(id, ok, arg())
   end
 end
 
@@ -502,7 +505,8 @@ for _, service in ipairs(redis.call('SMEMBERS', K.services)) do
   local oldest = redis.call('ZRANGE', q, 0, 0, 'WITHSCORES')
   queues[#queues + 1] = {service, redis.call('ZCOUNT', q, '-inf', now),
     redis.call('ZCOUNT', q, '(' .. now, '+inf'), redis.call('SCARD', K.running(service)),
-    oldest[2] or '', redis.call('HGET', K.arrivals, service) or '0'}
+    oldest[2] or '', redis.call('HMGET', K.counts, service .. ':enqueued',
+    service .. ':completed', service .. ':failed')}
 end
 local workers = {}
 for _, worker in ipairs(redis.call('SMEMBERS', K.workers)) do
@@ -586,6 +590,7 @@ def _report_args(reports: Sequence[Report]) -> list[str]:
     for r in reports:
         out += [
             r.job_id,
+            "1" if r.ok else "0",
             json.dumps(
                 [
                     r.job_id,
@@ -855,10 +860,13 @@ class RedisBackend:
             if int(requests[i + 1])
         }
         per_service: dict[str, QueueStats] = {}
-        for service, queued, delayed, running, oldest, arrivals in queues:
+        for service, queued, delayed, running, oldest, tallies in queues:
             queued, delayed, running = int(queued), int(delayed), int(running)
             first = float(oldest) if oldest and queued else None
-            per_service[_text(service)] = QueueStats(queued, delayed, running, first, int(arrivals))
+            enqueued, completed, failed = (int(t or 0) for t in tallies)
+            per_service[_text(service)] = QueueStats(
+                queued, delayed, running, first, enqueued, completed, failed
+            )
         holders = {_text(workers[i]): int(workers[i + 1]) for i in range(0, len(workers), 2)}
         return Stats(counts, per_service, int(reports), holders)
 

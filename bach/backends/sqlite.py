@@ -21,6 +21,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -63,7 +64,9 @@ CREATE TABLE IF NOT EXISTS reports (
     attempt INTEGER NOT NULL, ok INTEGER NOT NULL, payload TEXT NOT NULL,
     retryable INTEGER NOT NULL, worker TEXT NOT NULL, at REAL NOT NULL,
     elapsed REAL NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS arrivals (service TEXT PRIMARY KEY, jobs INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS service_counts (
+    service TEXT PRIMARY KEY, enqueued INTEGER NOT NULL DEFAULT 0,
+    completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0);
 """
 
 _REQUEST_COLS = "id, key, status, version, plan_id, body, created_at, updated_at"
@@ -470,8 +473,15 @@ class SqliteBackend:
                 {"now": now},
             ):
                 queues[service] = QueueStats(queued, delayed, running, oldest)
-            for service, count in conn.execute("SELECT service, jobs FROM arrivals"):
-                queues[service] = replace(queues.get(service, QueueStats()), enqueued=count)
+            for service, enqueued, completed, failed in conn.execute(
+                "SELECT service, enqueued, completed, failed FROM service_counts"
+            ):
+                queues[service] = replace(
+                    queues.get(service, QueueStats()),
+                    enqueued=enqueued,
+                    completed=completed,
+                    failed=failed,
+                )
             workers = dict(
                 conn.execute(
                     "SELECT worker, count(*) FROM jobs WHERE worker IS NOT NULL GROUP BY worker"
@@ -505,10 +515,33 @@ class SqliteBackend:
         self._bell.close()
 
 
+def _add_counts(conn: sqlite3.Connection, service: str, **counts: int) -> None:
+    columns = ", ".join(counts)
+    marks = ", ".join("?" for _ in counts)
+    updates = ", ".join(f"{c} = {c} + excluded.{c}" for c in counts)
+    conn.execute(
+        f"INSERT INTO service_counts (service, {columns}) VALUES (?, {marks})"
+        f" ON CONFLICT (service) DO UPDATE SET {updates}",
+        (service, *counts.values()),
+    )
+
+
 def _report(conn: sqlite3.Connection, reports: Sequence[Report], topics: set[str]) -> None:
     """Ack the jobs and put their outcomes on the completion channel."""
     if not reports:
         return
+    # Outcomes count once per job: a duplicate report finds its job already gone.
+    ok = {r.job_id: r.ok for r in reports}
+    outcomes: Counter[tuple[str, bool]] = Counter()
+    for start in range(0, len(reports), _BATCH):
+        ids = [r.job_id for r in reports[start : start + _BATCH]]
+        marks = ", ".join("?" for _ in ids)
+        for job_id, service in conn.execute(
+            f"SELECT id, service FROM jobs WHERE id IN ({marks})", ids
+        ):
+            outcomes[service, ok[job_id]] += 1
+    for (service, good), count in outcomes.items():
+        _add_counts(conn, service, **{"completed" if good else "failed": count})
     conn.executemany("DELETE FROM jobs WHERE id = ?", [(r.job_id,) for r in reports])
     conn.executemany(
         "INSERT OR IGNORE INTO reports (job_id, request_id, task, attempt, ok, payload,"
@@ -561,11 +594,7 @@ def _enqueue(conn: sqlite3.Connection, jobs: Sequence[JobRecord], topics: set[st
             ],
         ).rowcount  # fmt: skip
         if added > 0:
-            conn.execute(
-                "INSERT INTO arrivals (service, jobs) VALUES (?, ?)"
-                " ON CONFLICT (service) DO UPDATE SET jobs = jobs + excluded.jobs",
-                (service, added),
-            )
+            _add_counts(conn, service, enqueued=added)
         topics.add("jobs:" + service)
 
 

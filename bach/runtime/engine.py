@@ -16,7 +16,7 @@ import os
 import socket
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
@@ -88,11 +88,9 @@ class Engine:
         self._waiters: dict[str, list[asyncio.Future[Request]]] = defaultdict(list)
         self._stopping = asyncio.Event()
         self.applied = 0
-        #: Per service, since start: outcomes this engine applied. (Arrivals are counted
-        #: by the store, over every engine: ``QueueStats.enqueued``.)
-        self.completed: Counter[str] = Counter()
-        self.failed: Counter[str] = Counter()
-        #: Per service: EWMA of the seconds a job ran in its worker, from the reports.
+        #: Per service: EWMA of the seconds a job ran in its worker, from the reports this
+        #: engine applied. (Arrivals and outcomes are counted by the store, for every
+        #: engine: ``QueueStats``.)
         self.service_time: dict[str, float] = {}
 
     # -- requests ------------------------------------------------------------------------
@@ -237,21 +235,20 @@ class Engine:
         self.applied += sum(
             len(grouped[rid]) for rid, ok in zip(grouped, results, strict=True) if ok
         )
-        self._count(steps, results, outcomes)
+        self._measure(steps, results, outcomes)
         return len(reports)
 
-    def _count(
+    def _measure(
         self,
         steps: Sequence[Transition],
         results: Sequence[bool],
         outcomes: Mapping[str, list[tuple[str, Report]]],
     ) -> None:
-        """Per-service figures of the steps that were committed."""
+        """Service times from the reports of the steps that were committed."""
         for step, ok in zip(steps, results, strict=True):
             if not ok:
                 continue
             for service, report in outcomes.get(step.request_id, ()):
-                (self.completed if report.ok else self.failed)[service] += 1
                 if report.elapsed > 0:
                     old = self.service_time.get(service)
                     self.service_time[service] = (

@@ -92,8 +92,6 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
                 "service_time": None
                 if f is None or f.service_time is None
                 else round(f.service_time, 4),
-                "completed": engine.completed[name],
-                "failed": engine.failed[name],
                 "bottleneck": supervisor.policy.bottlenecks.get(name),
                 "instance_states": supervisor.states(name),
             }

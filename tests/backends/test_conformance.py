@@ -208,19 +208,24 @@ async def test_stats_count_requests_and_queues(backend: Backend) -> None:
     assert stats.workers == {"w1": 1}
 
 
-async def test_stats_count_each_job_queued_once_as_an_arrival(backend: Backend) -> None:
+async def test_stats_count_arrivals_and_outcomes_once_each(backend: Backend) -> None:
     a, b = job("r1", "a"), job("r1", "b")
     await backend.create(record("r1"), "plan1", "{}", [a, b])
     await backend.create(record("r1"), "plan1", "{}", [a, b])  # the same request again
     [lease] = await backend.lease("A", "w1", NOW, 10)
     await backend.release([lease.job.id], "w1")  # back on the queue: not a new arrival
     [lease] = await backend.lease("A", "w1", NOW, 10)
-    await backend.report([report(lease.job)])
+    await backend.report([report(lease.job, ok=False, payload="boom")])
     retry = job("r1", "a", attempt=2)
     step = Transition("r1", 0, record("r1", version=1), (retry,), (lease.job.id,))
     assert await backend.commit([step]) == [True]
+    [again] = await backend.lease("A", "w1", NOW, 10)
+    await backend.report([report(again.job)])
+    await backend.report([report(again.job)])  # a duplicate is not a second outcome
     stats = await backend.stats(NOW)
-    assert stats.queues["A"].enqueued == 3  # a, b and a's second attempt
+    a_stats = stats.queues["A"]
+    assert a_stats.enqueued == 3  # a, b and a's second attempt
+    assert (a_stats.completed, a_stats.failed) == (1, 1)
     assert "B" not in stats.queues
 
 

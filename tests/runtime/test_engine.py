@@ -157,7 +157,8 @@ async def test_cancel_withdraws_queued_jobs(tmp_path: Path) -> None:
     cancelled = await engine.cancel(request.id)
     assert cancelled.status == Status.CANCELLED
     assert cancelled.jobs["A"].status == JobStatus.CANCELLED
-    assert (await backend.stats(0)).queues == {}
+    queue = (await backend.stats(0)).queues["A"]
+    assert (queue.queued, queue.running, queue.enqueued) == (0, 0, 1)  # queued once, withdrawn
 
 
 async def test_a_job_delivered_too_often_is_failed_not_run_again(tmp_path: Path) -> None:
