@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Coroutine
 from functools import wraps
 from typing import Any, ClassVar, ParamSpec, TypeVar
@@ -455,6 +456,19 @@ def cancel(ref: str, server: str, token: str | None, as_json: bool) -> None:
         _show(client.cancel(ref), as_json)
 
 
+#: The states of an instance, in the order ``bach status`` lists them.
+STATES = ("busy", "idle", "starting", "draining")
+
+
+def _instances_cell(service: dict[str, Any]) -> str:
+    """``3 (2 busy, 1 starting)``: the count and how many are in each state."""
+    if "instances" not in service:
+        return "-"
+    states = Counter(service.get("instance_states", {}).values())
+    shown = ", ".join(f"{states[s]} {s}" for s in STATES if states[s])
+    return f"{service['instances']} ({shown})" if shown else str(service["instances"])
+
+
 def _status_view(figures: dict[str, Any], events: list[dict[str, Any]]) -> Any:
     from rich.console import Group
     from rich.table import Table
@@ -473,7 +487,7 @@ def _status_view(figures: dict[str, Any], events: list[dict[str, Any]]) -> Any:
             name,
             str(s.get("queued", 0)),
             str(s.get("running", 0)),
-            str(s.get("instances", "-")),
+            _instances_cell(s),
             f"{s.get('min_instances', '-')}-{s.get('max_instances', '-')}",
             f"{s.get('arrival_rate', 0):.1f}",
             "-" if s.get("service_time") is None else f"{s['service_time']:.3f}",

@@ -274,6 +274,16 @@ async def metrics(request: Request) -> Response:
     )
     for service, figures in body["services"].items():
         bottleneck.labels(service).set(1 if figures.get("bottleneck") else 0)
+    by_state = Gauge(
+        "bach_service_instances_by_state",
+        "worker instances in each state (starting, busy, idle, draining)",
+        ["service", "state"],
+        registry=registry,
+    )
+    for service, figures in body["services"].items():
+        states = list(figures.get("instance_states", {}).values())
+        for state in ("starting", "busy", "idle", "draining"):
+            by_state.labels(service, state).set(states.count(state))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

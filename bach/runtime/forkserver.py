@@ -39,6 +39,8 @@ from typing import Any
 
 log = logging.getLogger("bach.supervisor")
 
+#: Seconds to wait for the template to fork (it may still be importing at boot).
+SPAWN_TIMEOUT = 10.0
 #: Exit status of a worker whose parent, the template, died before it: not known.
 UNKNOWN_STATUS = 255
 
@@ -164,8 +166,9 @@ def _fork(
 
         from bach.cli import main
 
-        # What ps shows: the worker, not the template it was forked from.
+        # What ps (and the worker's own code) sees: the worker, not the template.
         setproctitle(" ".join(["bach", *argv[:3]]))
+        sys.argv = ["bach", *args]
 
         main.main(args=args, prog_name="bach", standalone_mode=True)
         status = 0
@@ -216,15 +219,11 @@ class ForkServer:
         self._pending: dict[int, asyncio.Future[int]] = {}
         self._children: dict[int, Forked] = {}
         self._count = 0
+        self._open = False
 
     @property
     def alive(self) -> bool:
-        return (
-            self.process is not None
-            and self.process.returncode is None
-            and self._reader_task is not None
-            and not self._reader_task.done()
-        )
+        return self._open and self.process is not None and self.process.returncode is None
 
     async def start(self) -> None:
         ours, theirs = socket.socketpair()
@@ -241,6 +240,7 @@ class ForkServer:
         finally:
             theirs.close()
         reader, self._writer = await asyncio.open_unix_connection(sock=ours)
+        self._open = True
         self._reader_task = asyncio.create_task(self._read(reader), name="forkserver")
         log.info("fork server %d started (%.2f s)", self.process.pid, time.monotonic() - started)
 
@@ -255,7 +255,9 @@ class ForkServer:
         try:
             self._writer.write(json.dumps({"spawn": number, "argv": list(argv)}).encode() + b"\n")
             await self._writer.drain()
-            pid = await asyncio.wait_for(future, 10)
+            pid = await asyncio.wait_for(future, SPAWN_TIMEOUT)
+        except TimeoutError:
+            raise OSError(f"no answer from the fork server in {SPAWN_TIMEOUT:g} s") from None
         finally:
             self._pending.pop(number, None)
         child = self._children[pid] = Forked(pid)
@@ -266,6 +268,7 @@ class ForkServer:
             while line := await reader.readline():
                 self._handle(json.loads(line))
         finally:
+            self._open = False
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(OSError("the fork server stopped"))
@@ -286,6 +289,9 @@ class ForkServer:
                     future.set_result(message["pid"])
                 else:
                     future.set_exception(OSError(message.get("error", "fork failed")))
+            elif "pid" in message:  # too late: the supervisor started one afresh instead
+                with contextlib.suppress(OSError):
+                    os.kill(message["pid"], signal.SIGTERM)
         elif "ready" in message:
             self.on_ready(message["ready"])
         elif "exited" in message:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 import time
 from pathlib import Path
 
@@ -70,6 +71,8 @@ def test_a_service_that_is_off_cold_starts_for_a_request(tmp_path: Path) -> None
         shown = bach("status", "--server", system.url)
         assert shown.returncode == 0 and "still to run 0" in shown.stdout
         assert "sleeper 0 -> 1 (cold start" in shown.stdout, shown.stdout
+        # The instance is up, holding no job: the table counts it as idle.
+        assert re.search(r"sleeper\s+0\s+0\s+1 \(1 idle\)", shown.stdout), shown.stdout
         http.close()
 
 
@@ -107,4 +110,16 @@ def test_stats_add_up_while_requests_run_and_metrics_match(tmp_path: Path) -> No
         text = http.get("/metrics").text
         assert "bach_active_requests 0.0" in text
         assert 'bach_service_completed{service="P"} 100.0' in text
+        # With the work done, every instance is idle once the supervisor's next tick saw it.
+        deadline = time.monotonic() + 5
+        while True:
+            services = http.get("/api/stats").json()["services"]
+            if set(services["P"]["instance_states"].values()) == {"idle"}:
+                break
+            assert time.monotonic() < deadline, services["P"]
+            time.sleep(0.1)
+        idle = services["P"]["instances"]
+        text = http.get("/metrics").text
+        assert f'bach_service_instances_by_state{{service="P",state="idle"}} {idle}.0' in text
+        assert 'bach_service_instances_by_state{service="P",state="busy"} 0.0' in text
         http.close()
