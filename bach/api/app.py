@@ -208,17 +208,14 @@ async def gather_stats(request: Request, engine: Engine) -> dict[str, Any]:
             "completed": q.completed if q else 0,
             "failed": q.failed if q else 0,
         }
-    active = [
-        r for status in ("PENDING", "RUNNING") for r in await engine.list_requests(status, 10_000)
-    ]
-    to_run = sum(r.remaining() for r in active)
     body: dict[str, Any] = {
         "time": now,
         "active_requests": figures.requests.get("PENDING", 0) + figures.requests.get("RUNNING", 0),
         "active_tasks": sum(s["running"] for s in services.values()),
         "queued_tasks": sum(s["queued"] for s in services.values()),
-        # Tasks of the active requests not dispatched yet (seed 002's remaining bits).
-        "tasks_to_run": to_run,
+        # Tasks of the active requests not dispatched yet (seed 002's remaining bits),
+        # summed by the store as each request's record changes.
+        "tasks_to_run": figures.to_run,
         "requests": figures.requests,
         "reports_waiting": figures.reports,
         "services": services,

@@ -61,6 +61,7 @@ class MemoryBackend:
         self._seq = 0
         self._arrivals: Counter[str] = Counter()
         self._outcomes: Counter[tuple[str, bool]] = Counter()
+        self._to_run = 0
         self._signal = _Signal()
 
     async def create(
@@ -72,6 +73,7 @@ class MemoryBackend:
         self._plans.setdefault(plan_id, plan)
         self._requests[record.id] = record
         self._keys[record.key] = record.id
+        self._to_run += record.to_run
         self._enqueue(jobs)
         return record, True
 
@@ -107,6 +109,7 @@ class MemoryBackend:
             if current is None or current.version != t.expected_version:
                 return False
             self._requests[t.request_id] = t.record
+            self._to_run += t.record.to_run - current.to_run
         for job_id in t.consumed:
             self._reports.pop(job_id, None)
         if t.withdraw:
@@ -212,6 +215,7 @@ class MemoryBackend:
             if r.status in TERMINAL and r.updated_at < ended_before
         ][:limit]
         for record in old:
+            self._to_run -= record.to_run
             del self._requests[record.id]
             self._keys.pop(record.key, None)
         return len(old)
@@ -245,7 +249,7 @@ class MemoryBackend:
                 completed=self._outcomes[service, True],
                 failed=self._outcomes[service, False],
             )
-        return Stats(dict(counts), queues, len(self._reports), dict(workers))
+        return Stats(dict(counts), queues, len(self._reports), dict(workers), self._to_run)
 
     async def wait_jobs(self, service: str, timeout: float) -> None:
         await self._signal.wait("jobs:" + service, timeout)

@@ -28,6 +28,9 @@ class RequestRecord:
     body: str
     created_at: float
     updated_at: float
+    #: Tasks not yet dispatched while the request is active, 0 once it has ended. The
+    #: store keeps the sum over all requests (``Stats.to_run``) as records change.
+    to_run: int = 0
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,8 @@ class Stats:
     reports: int = 0
     #: Holder of each lease, by worker id.
     workers: dict[str, int] = field(default_factory=dict)
+    #: Tasks of the active requests not dispatched yet (the sum of their ``to_run``).
+    to_run: int = 0
 
 
 class Backend(Protocol):

@@ -30,6 +30,7 @@ Python and for the Lua scripts alike):
 ``p:reports``                  hash    job id -> report JSON (the completion channel)
 ``p:outbox``                   zset    reported job ids by arrival order
 ``p:seq``                      string  arrival counter for ``p:outbox``
+``p:totals``                   hash    ``to_run`` -> sum of the requests' ``to_run`` fields
 ``p:bell:jobs:<service>``      chan    published when that service's jobs are queued
 ``p:bell:reports``             chan    published when reports arrive
 ``p:bell:ended``               chan    a request's id, published when it ends
@@ -115,12 +116,15 @@ LAYOUT: dict[str, tuple[str, bool]] = {
     "reports": ("reports", False),
     "outbox": ("outbox", False),
     "seq": ("seq", False),
+    "totals": ("totals", False),
     "bell_jobs": ("bell:jobs", True),
     "bell_reports": ("bell:reports", False),
     "bell_ended": ("bell:ended", False),
 }
 
-REQUEST_FIELDS = ("id", "key", "status", "version", "plan_id", "body", "created_at", "updated_at")
+REQUEST_FIELDS = (
+    "id", "key", "status", "version", "plan_id", "body", "created_at", "updated_at", "to_run"
+)  # fmt: skip
 JOB_FIELDS = (
     "id",
     "request_id",
@@ -242,11 +246,13 @@ local function read_reports()
 end
 
 local REQUEST_FIELDS = {'id', 'key', 'status', 'version', 'plan_id', 'body',
-  'created_at', 'updated_at'}
+  'created_at', 'updated_at', 'to_run'}
 local TERMINAL = {COMPLETE = true, FAILED = true, CANCELLED = true}
 
 local function write_request(f, old_status)
   local rk = K.req(f[1])
+  local change = tonumber(f[9]) - tonumber(redis.call('HGET', rk, 'to_run') or '0')
+  if change ~= 0 then redis.call('HINCRBY', K.totals, 'to_run', change) end
   local pairs_ = {}
   for i, name in ipairs(REQUEST_FIELDS) do
     pairs_[#pairs_ + 1] = name
@@ -269,7 +275,7 @@ _CREATE = (
     _LUA_COMMON
     + """
 local f = {}
-for i = 1, 8 do f[i] = arg() end
+for i = 1, 9 do f[i] = arg() end
 local existing = redis.call('HGET', K.keys, f[2])
 if existing then
   return {0, redis.call('HMGET', K.req(existing), unpack(REQUEST_FIELDS))}
@@ -285,7 +291,7 @@ return {1}
 """
 )
 
-# Per transition: request_id expected_version has_record [8 record fields]
+# Per transition: request_id expected_version has_record [9 record fields]
 #   n_jobs [8 fields each] n_consumed [ids] withdraw
 _COMMIT = (
     _LUA_COMMON
@@ -297,7 +303,7 @@ for t = 1, count do
   local rec = nil
   if has_record == '1' then
     rec = {}
-    for i = 1, 8 do rec[i] = arg() end
+    for i = 1, 9 do rec[i] = arg() end
   end
   local jobs = {}
   for j = 1, tonumber(arg()) do
@@ -513,7 +519,8 @@ for _, worker in ipairs(redis.call('SMEMBERS', K.workers)) do
   workers[#workers + 1] = worker
   workers[#workers + 1] = redis.call('SCARD', K.held(worker))
 end
-return {requests, queues, workers, redis.call('ZCARD', K.outbox)}
+return {requests, queues, workers, redis.call('ZCARD', K.outbox),
+  redis.call('HGET', K.totals, 'to_run') or '0'}
 """
 )
 
@@ -524,8 +531,9 @@ _PURGE = (
 local before, limit = arg(), tonumber(arg())
 local ids = redis.call('ZRANGEBYSCORE', K.ended, '-inf', '(' .. before, 'LIMIT', 0, limit)
 for _, id in ipairs(ids) do
-  local f = redis.call('HMGET', K.req(id), 'key', 'status')
+  local f = redis.call('HMGET', K.req(id), 'key', 'status', 'to_run')
   if f[1] then redis.call('HDEL', K.keys, f[1]) end
+  if f[3] and f[3] ~= '0' then redis.call('HINCRBY', K.totals, 'to_run', -tonumber(f[3])) end
   if f[2] then redis.call('ZREM', K.status(f[2]), id) end
   redis.call('ZREM', K.created, id)
   redis.call('ZREM', K.ended, id)
@@ -541,9 +549,11 @@ def _text(value: Any) -> str:
 
 
 def _record(fields: Sequence[Any]) -> RequestRecord:
-    rid, key, status, version, plan_id, body, created, updated = (_text(f) for f in fields)
+    rid, key, status, version, plan_id, body, created, updated = (_text(f) for f in fields[:8])
+    # Records written before to_run was kept have none: they count 0.
+    to_run = int(fields[8] or 0) if len(fields) > 8 else 0
     return RequestRecord(
-        rid, key, status, int(version), plan_id, body, float(created), float(updated)
+        rid, key, status, int(version), plan_id, body, float(created), float(updated), to_run
     )
 
 
@@ -557,6 +567,7 @@ def _record_args(record: RequestRecord) -> list[str]:
         record.body,
         repr(record.created_at),
         repr(record.updated_at),
+        str(record.to_run),
     ]
 
 
@@ -853,7 +864,7 @@ class RedisBackend:
         return int(await self._run(self._purge, repr(ended_before), str(limit)))
 
     async def stats(self, now: float) -> Stats:
-        requests, queues, workers, reports = await self._run(self._stats, repr(now))
+        requests, queues, workers, reports, to_run = await self._run(self._stats, repr(now))
         counts = {
             _text(requests[i]): int(requests[i + 1])
             for i in range(0, len(requests), 2)
@@ -868,7 +879,7 @@ class RedisBackend:
                 queued, delayed, running, first, enqueued, completed, failed
             )
         holders = {_text(workers[i]): int(workers[i + 1]) for i in range(0, len(workers), 2)}
-        return Stats(counts, per_service, int(reports), holders)
+        return Stats(counts, per_service, int(reports), holders, int(to_run))
 
     async def wait_jobs(self, service: str, timeout: float) -> None:
         await self._bells.wait(self.keys.bell_jobs(service), timeout)

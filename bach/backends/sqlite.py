@@ -48,7 +48,7 @@ CREATE TABLE IF NOT EXISTS plans (id TEXT PRIMARY KEY, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS requests (
     id TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
     version INTEGER NOT NULL, plan_id TEXT NOT NULL, body TEXT NOT NULL,
-    created_at REAL NOT NULL, updated_at REAL NOT NULL);
+    created_at REAL NOT NULL, updated_at REAL NOT NULL, to_run INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS requests_by_status ON requests(status, created_at);
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests(created_at);
 CREATE TABLE IF NOT EXISTS jobs (
@@ -69,7 +69,20 @@ CREATE TABLE IF NOT EXISTS service_counts (
     completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0);
 """
 
-_REQUEST_COLS = "id, key, status, version, plan_id, body, created_at, updated_at"
+#: The sum of ``requests.to_run``, kept by triggers in the same transactions.
+TOTALS = """
+CREATE TABLE IF NOT EXISTS totals (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO totals (name, value)
+    SELECT 'to_run', coalesce(sum(to_run), 0) FROM requests;
+CREATE TRIGGER IF NOT EXISTS to_run_insert AFTER INSERT ON requests BEGIN
+    UPDATE totals SET value = value + NEW.to_run WHERE name = 'to_run'; END;
+CREATE TRIGGER IF NOT EXISTS to_run_update AFTER UPDATE OF to_run ON requests BEGIN
+    UPDATE totals SET value = value + NEW.to_run - OLD.to_run WHERE name = 'to_run'; END;
+CREATE TRIGGER IF NOT EXISTS to_run_delete AFTER DELETE ON requests BEGIN
+    UPDATE totals SET value = value - OLD.to_run WHERE name = 'to_run'; END;
+"""
+
+_REQUEST_COLS = "id, key, status, version, plan_id, body, created_at, updated_at, to_run"
 _JOB_COLS = "id, request_id, task, attempt, service, payload, available_at, timeout"
 _SYNC_MODES = {"full": "FULL", "normal": "NORMAL", "off": "OFF", "extra": "EXTRA"}
 #: Most operations one group commit takes.
@@ -81,6 +94,10 @@ def _migrate(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(reports)")}
     if "elapsed" not in columns:  # before job durations were reported
         conn.execute("ALTER TABLE reports ADD COLUMN elapsed REAL NOT NULL DEFAULT 0")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
+    if "to_run" not in columns:  # counted from each request's next step on
+        conn.execute("ALTER TABLE requests ADD COLUMN to_run INTEGER NOT NULL DEFAULT 0")
+    conn.executescript(TOTALS)
 
 
 def _request(row: Sequence[Any]) -> RequestRecord:
@@ -250,7 +267,7 @@ class SqliteBackend:
                 return _request(row), False
             conn.execute("INSERT OR IGNORE INTO plans (id, body) VALUES (?, ?)", (plan_id, plan))
             conn.execute(
-                f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     record.id,
                     record.key,
@@ -260,6 +277,7 @@ class SqliteBackend:
                     record.body,
                     record.created_at,
                     record.updated_at,
+                    record.to_run,
                 ),
             )
             _enqueue(conn, jobs, topics)
@@ -316,13 +334,14 @@ class SqliteBackend:
                 if t.record is not None:
                     r = t.record
                     cur = conn.execute(
-                        "UPDATE requests SET status = ?, version = ?, body = ?, updated_at = ?"
-                        " WHERE id = ? AND version = ?",
+                        "UPDATE requests SET status = ?, version = ?, body = ?, updated_at = ?,"
+                        " to_run = ? WHERE id = ? AND version = ?",
                         (
                             r.status,
                             r.version,
                             r.body,
                             r.updated_at,
+                            r.to_run,
                             t.request_id,
                             t.expected_version,
                         ),
@@ -488,7 +507,8 @@ class SqliteBackend:
                 )
             )
             reports = conn.execute("SELECT count(*) FROM reports").fetchone()[0]
-            return Stats(counts, queues, reports, workers)
+            (to_run,) = conn.execute("SELECT value FROM totals WHERE name = 'to_run'").fetchone()
+            return Stats(counts, queues, reports, workers, to_run)
 
         return await self._read(op)
 

@@ -27,6 +27,7 @@ def to_record(request: Request) -> RequestRecord:
         body=dumps(request.to_dict()),
         created_at=request.created_at,
         updated_at=request.updated_at,
+        to_run=0 if request.terminal else request.remaining(),
     )
 
 

@@ -19,9 +19,10 @@ def record(
     status: str = "PENDING",
     version: int = 0,
     created: float = NOW,
+    to_run: int = 0,
 ) -> RequestRecord:
     return RequestRecord(
-        rid, key or rid, status, version, "plan1", f'{{"v": {version}}}', created, created
+        rid, key or rid, status, version, "plan1", f'{{"v": {version}}}', created, created, to_run
     )
 
 
@@ -227,6 +228,23 @@ async def test_stats_count_arrivals_and_outcomes_once_each(backend: Backend) -> 
     assert a_stats.enqueued == 3  # a, b and a's second attempt
     assert (a_stats.completed, a_stats.failed) == (1, 1)
     assert "B" not in stats.queues
+
+
+async def test_stats_sum_the_tasks_still_to_run_as_records_change(backend: Backend) -> None:
+    await backend.create(record("r1", to_run=3), "plan1", "{}", [])
+    await backend.create(record("r2", to_run=2), "plan1", "{}", [])
+    await backend.create(record("r9", key="r1", to_run=7), "plan1", "{}", [])  # known key
+    assert (await backend.stats(NOW)).to_run == 5
+    assert await backend.commit([Transition("r1", 0, record("r1", version=1, to_run=1))]) == [True]
+    stale = Transition("r1", 0, record("r1", version=1, to_run=0))
+    assert await backend.commit([stale]) == [False]
+    ended = record("r2", status="COMPLETE", version=1, created=NOW - 100, to_run=0)
+    assert await backend.commit([Transition("r2", 0, ended)]) == [True]
+    loaded = await backend.load("r1")
+    assert loaded is not None and loaded.to_run == 1
+    assert (await backend.stats(NOW)).to_run == 1
+    await backend.purge(NOW + 1)
+    assert (await backend.stats(NOW)).to_run == 1
 
 
 async def test_waiting_for_jobs_wakes_on_enqueue(backend: Backend) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bach.backends import open_backend, sqlite_path
-from bach.backends.port import JobRecord, Report, RequestRecord
+from bach.backends.port import JobRecord, Report, RequestRecord, Transition
 from bach.backends.sqlite import SqliteBackend
 from bach.errors import StoreError
 
@@ -119,6 +119,12 @@ async def test_a_store_from_before_job_durations_opens_and_keeps_its_reports(
             " at REAL NOT NULL)"
         )
         conn.execute("INSERT INTO reports VALUES ('r1/a/1', 'r1', 'a', 1, 1, '7', 1, 'w1', 5.0)")
+        conn.execute(  # and requests before they kept the count of tasks still to run
+            "CREATE TABLE requests (id TEXT PRIMARY KEY, key TEXT NOT NULL UNIQUE,"
+            " status TEXT NOT NULL, version INTEGER NOT NULL, plan_id TEXT NOT NULL,"
+            " body TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+        )
+        conn.execute("INSERT INTO requests VALUES ('r1', 'r1', 'RUNNING', 1, 'p', '{}', 5, 5)")
     store = SqliteBackend(f"sqlite:///{path}")
     try:
         (old,) = await store.reports(10)
@@ -126,5 +132,10 @@ async def test_a_store_from_before_job_durations_opens_and_keeps_its_reports(
         new = Report("r2/a/1", "r2", "a", 1, True, "8", "w1", 6.0, True, 0.5)
         await store.report([new])
         assert await store.reports(10) == [old, new]
+        # The old request counts 0 until its next step says how many tasks it has left.
+        assert (await store.stats(NOW)).to_run == 0
+        step = RequestRecord("r1", "r1", "RUNNING", 2, "p", "{}", 5, 6, to_run=2)
+        assert await store.commit([Transition("r1", 1, step)]) == [True]
+        assert (await store.stats(NOW)).to_run == 2
     finally:
         await store.close()
