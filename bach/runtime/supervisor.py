@@ -7,6 +7,10 @@ more instances for a backlog, a cold start for a service that is off and has wor
 a slow drain back to the minimum once the work is gone. Only instances holding no job
 are drained; one that dies is noticed, its jobs go back to the queue, and the policy
 replaces it. With the in-process memory store, workers are tasks in this process.
+
+Worker processes are forked from a template (``bach.runtime.forkserver``), or started as
+new Python processes if it is off or gone. Each says when it is ready; until then its
+instance is ``starting``, and the time that took is the cold start the policy weighs.
 """
 
 from __future__ import annotations
