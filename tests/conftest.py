@@ -51,6 +51,15 @@ def redis_prefix() -> Iterator[str]:
         drop_prefix(prefix)
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A store several processes share: a SQLite file, then a Redis prefix of its own."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/bach.db"
+    else:
+        yield redis_store(request.getfixturevalue("redis_prefix"))
+
+
 def backend_url(kind: str, tmp_path: Path, prefix: str = "bach") -> str:
     if kind == "memory":
         return "memory://"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import redis_store, require_redis
 from tests.helpers import bach, pull_plug, running_system, start_system, stop
 
 pytestmark = pytest.mark.slow
@@ -44,28 +42,19 @@ class PlugPulled(bach.Command):
 SCORE = "services: {}\nplugins: [plugpulled]\n"
 
 
-@pytest.fixture(params=["sqlite", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path}/bach.db"
-    else:
-        require_redis()
-        yield redis_store(request.getfixturevalue("redis_prefix"))
-
-
 def calls(home: Path, name: str) -> int:
     path = home / f"calls-{name}"
     return len(path.read_text()) if path.exists() else 0
 
 
 def test_pulled_plug_resumes_without_running_a_completed_child_again(
-    tmp_path: Path, store: str
+    tmp_path: Path, shared_store: str
 ) -> None:
     (tmp_path / "plugpulled.py").write_text(PLUGIN)
     score = tmp_path / "score.yaml"
     score.write_text(SCORE)
     env = {"PLUG_HOME": str(tmp_path)}
-    first = start_system([score], store, tmp_path, env=env)
+    first = start_system([score], shared_store, tmp_path, env=env)
     try:
         run = httpx.post(
             f"{first.url}/api/commands",
@@ -87,7 +76,7 @@ def test_pulled_plug_resumes_without_running_a_completed_child_again(
     assert calls(tmp_path, "one") == 1 and calls(tmp_path, "two") == 0
     (tmp_path / "marker").touch()
 
-    with running_system([score], store, tmp_path, env=env) as second:
+    with running_system([score], shared_store, tmp_path, env=env) as second:
         done = httpx.get(
             f"{second.url}/api/commands/{run['id']}", params={"wait": 30}, timeout=60
         ).json()

@@ -1,4 +1,5 @@
-"""The supervisor scales real worker processes with the load (loose bounds: 2 cores)."""
+"""The supervisor scales real worker processes with the load (loose bounds: 2 cores),
+on SQLite and on Redis."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def instances(http: httpx.Client, service: str) -> int:
     return int(http.get("/api/stats").json()["services"][service]["instances"])
 
 
-def test_a_burst_scales_up_to_max_then_back_to_min(tmp_path: Path) -> None:
-    with running_system([SCORE], f"sqlite:///{tmp_path}/bach.db", tmp_path) as system:
+def test_a_burst_scales_up_to_max_then_back_to_min(tmp_path: Path, shared_store: str) -> None:
+    with running_system([SCORE], shared_store, tmp_path) as system:
         http = httpx.Client(base_url=system.url, timeout=30)
         assert instances(http, "burst") == 1
         started = time.monotonic()
@@ -59,8 +60,8 @@ def test_a_burst_scales_up_to_max_then_back_to_min(tmp_path: Path) -> None:
         http.close()
 
 
-def test_a_service_that_is_off_cold_starts_for_a_request(tmp_path: Path) -> None:
-    with running_system([SCORE], f"sqlite:///{tmp_path}/bach.db", tmp_path) as system:
+def test_a_service_that_is_off_cold_starts_for_a_request(tmp_path: Path, shared_store: str) -> None:
+    with running_system([SCORE], shared_store, tmp_path) as system:
         http = httpx.Client(base_url=system.url, timeout=30)
         assert instances(http, "sleeper") == 0
         body = {"todo": ["sleeper"], "input": {"task": "t", "value": 1}}
@@ -76,9 +77,10 @@ def test_a_service_that_is_off_cold_starts_for_a_request(tmp_path: Path) -> None
         http.close()
 
 
-def test_stats_add_up_while_requests_run_and_metrics_match(tmp_path: Path) -> None:
-    store = f"sqlite:///{tmp_path}/bach.db"
-    with running_system([FIXTURES / "svc.yaml"], store, tmp_path) as system:
+def test_stats_add_up_while_requests_run_and_metrics_match(
+    tmp_path: Path, shared_store: str
+) -> None:
+    with running_system([FIXTURES / "svc.yaml"], shared_store, tmp_path) as system:
         http = httpx.Client(base_url=system.url, timeout=30)
         for i in range(100):
             http.post("/api/requests", json={"rubric": "slow3", "input": i})
