@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter, defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from bach.backends.port import (
@@ -62,6 +62,7 @@ class MemoryBackend:
         self._arrivals: Counter[str] = Counter()
         self._outcomes: Counter[tuple[str, bool]] = Counter()
         self._to_run = 0
+        self._supervisors: dict[str, tuple[float, dict[str, int]]] = {}
         self._signal = _Signal()
 
     async def create(
@@ -222,6 +223,15 @@ class MemoryBackend:
 
     async def reports(self, limit: int) -> list[Report]:
         return list(self._reports.values())[:limit]
+
+    async def announce(
+        self, supervisor: str, instances: Mapping[str, int], until: float, now: float
+    ) -> dict[str, dict[str, int]]:
+        self._supervisors[supervisor] = (until, dict(instances))
+        for name, (alive_until, _) in list(self._supervisors.items()):
+            if alive_until <= now:
+                del self._supervisors[name]
+        return {name: counts for name, (_, counts) in self._supervisors.items()}
 
     async def stats(self, now: float) -> Stats:
         counts: dict[str, int] = defaultdict(int)

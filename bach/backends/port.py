@@ -12,7 +12,7 @@ already applied.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -201,6 +201,15 @@ class Backend(Protocol):
         ...
 
     async def stats(self, now: float) -> Stats: ...
+
+    async def announce(
+        self, supervisor: str, instances: Mapping[str, int], until: float, now: float
+    ) -> dict[str, dict[str, int]]:
+        """Say that ``supervisor`` is alive until ``until`` and runs ``instances`` (per
+        service); returns every supervisor alive at ``now``, this one included, with the
+        instances it said it runs. ``until <= now`` withdraws it. How supervisors on one
+        store share the system's instances."""
+        ...
 
     async def wait_jobs(self, service: str, timeout: float) -> None:
         """Return when jobs of this service may have arrived, or after timeout."""

@@ -31,6 +31,7 @@ Python and for the Lua scripts alike):
 ``p:outbox``                   zset    reported job ids by arrival order
 ``p:seq``                      string  arrival counter for ``p:outbox``
 ``p:totals``                   hash    ``to_run`` -> sum of the requests' ``to_run`` fields
+``p:supervisors``              hash    supervisor id -> JSON [alive until, {service: instances}]
 ``p:bell:jobs:<service>``      chan    published when that service's jobs are queued
 ``p:bell:reports``             chan    published when reports arrive
 ``p:bell:ended``               chan    a request's id, published when it ends
@@ -66,7 +67,7 @@ import contextlib
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -117,6 +118,7 @@ LAYOUT: dict[str, tuple[str, bool]] = {
     "outbox": ("outbox", False),
     "seq": ("seq", False),
     "totals": ("totals", False),
+    "supervisors": ("supervisors", False),
     "bell_jobs": ("bell:jobs", True),
     "bell_reports": ("bell:reports", False),
     "bell_ended": ("bell:ended", False),
@@ -525,6 +527,25 @@ return {requests, queues, workers, redis.call('ZCARD', K.outbox),
 )
 
 # ARGV: prefix before limit
+_ANNOUNCE = (
+    _LUA_COMMON
+    + """
+local me, entry, now = arg(), arg(), tonumber(arg())
+redis.call('HSET', K.supervisors, me, entry)
+local all = redis.call('HGETALL', K.supervisors)
+local alive = {}
+for i = 1, #all, 2 do
+  if tonumber(cjson.decode(all[i + 1])[1]) <= now then
+    redis.call('HDEL', K.supervisors, all[i])
+  else
+    alive[#alive + 1] = all[i]
+    alive[#alive + 1] = all[i + 1]
+  end
+end
+return alive
+"""
+)
+
 _PURGE = (
     _LUA_COMMON
     + """
@@ -742,6 +763,7 @@ class RedisBackend:
         self._leased = register(_LEASED)
         self._stats = register(_STATS)
         self._purge = register(_PURGE)
+        self._announce = register(_ANNOUNCE)
 
     async def _run(self, script: Any, *args: Any) -> Any:
         try:
@@ -862,6 +884,16 @@ class RedisBackend:
 
     async def purge(self, ended_before: float, limit: int = 1000) -> int:
         return int(await self._run(self._purge, repr(ended_before), str(limit)))
+
+    async def announce(
+        self, supervisor: str, instances: Mapping[str, int], until: float, now: float
+    ) -> dict[str, dict[str, int]]:
+        entry = json.dumps([until, dict(instances)])
+        alive = await self._run(self._announce, supervisor, entry, repr(now))
+        return {
+            _text(alive[i]): {k: int(v) for k, v in json.loads(alive[i + 1])[1].items()}
+            for i in range(0, len(alive), 2)
+        }
 
     async def stats(self, now: float) -> Stats:
         requests, queues, workers, reports, to_run = await self._run(self._stats, repr(now))

@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import queue
 import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -64,6 +65,8 @@ CREATE TABLE IF NOT EXISTS reports (
     attempt INTEGER NOT NULL, ok INTEGER NOT NULL, payload TEXT NOT NULL,
     retryable INTEGER NOT NULL, worker TEXT NOT NULL, at REAL NOT NULL,
     elapsed REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS supervisors (
+    id TEXT PRIMARY KEY, until REAL NOT NULL, instances TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS service_counts (
     service TEXT PRIMARY KEY, enqueued INTEGER NOT NULL DEFAULT 0,
     completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0);
@@ -477,6 +480,23 @@ class SqliteBackend:
             return reports, _load_many(conn, list({r.request_id for r in reports}))
 
         return await self._read(op)
+
+    async def announce(
+        self, supervisor: str, instances: Mapping[str, int], until: float, now: float
+    ) -> dict[str, dict[str, int]]:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> dict[str, dict[str, int]]:
+            conn.execute(
+                "INSERT INTO supervisors (id, until, instances) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET until = excluded.until,"
+                " instances = excluded.instances",
+                (supervisor, until, json.dumps(dict(instances))),
+            )
+            conn.execute("DELETE FROM supervisors WHERE until <= ?", (now,))
+            rows = conn.execute("SELECT id, instances FROM supervisors").fetchall()
+            return {name: json.loads(counts) for name, counts in rows}
+
+        # Presence, not data: losing the last few in a power cut costs nothing.
+        return await self._write(op, durable=False)
 
     async def stats(self, now: float) -> Stats:
         def op(conn: sqlite3.Connection) -> Stats:

@@ -17,6 +17,12 @@ The heuristic follows ``research/anchors-scaling-streaming.md`` (A.8):
   rest goes by outstanding work; an idle instance of another service is reclaimed.
 - A bottleneck is a service whose backlog will not drain within H at its maximum, or
   whose oldest queued job is older than 2H.
+- Several supervisors on one store (one per ``bach serve`` that runs workers) share the
+  system: each decides the same system-wide target from the store's figures and the
+  instances all of them run, and starts or drains only its own share of it (``Peers``),
+  so two hosts do not both scale up for the same backlog: ``max_instances`` holds for
+  the system. ``min_instances`` holds for each supervisor, so every host keeps its warm
+  instances and losing one host does not mean a cold start on the others.
 """
 
 from __future__ import annotations
@@ -52,8 +58,10 @@ class Figures:
 
     queued: int = 0
     running: int = 0
-    #: Instances starting or ready (not draining).
+    #: Instances starting or ready (not draining) that this supervisor runs.
     instances: int = 0
+    #: Instances other supervisors on the same store run (as they last said).
+    peer_instances: int = 0
     #: Of those, ready and holding no job.
     idle_instances: int = 0
     #: Arrivals per second over a short (about 2 s) and a long (down_window) window.
@@ -64,6 +72,21 @@ class Figures:
     #: When the service last had a job queued or finished; None if never.
     last_activity: float | None = None
     oldest_queued_age: float | None = None
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Where this supervisor stands among the live supervisors of one store."""
+
+    #: Its place in the order of their ids, from 0.
+    rank: int = 0
+    #: How many there are, itself included.
+    count: int = 1
+
+    def share(self, total: int) -> int:
+        """This supervisor's part of ``total`` instances (the parts add up to it)."""
+        base, extra = divmod(total, self.count)
+        return base + (1 if self.rank < extra else 0)
 
 
 @dataclass(frozen=True)
@@ -101,9 +124,10 @@ def need(f: Figures, cfg: Config) -> Need:
     up = min(max(backlog, by_rate_up, floor), max(cap, floor))
     down = min(max(backlog, by_rate_down, floor), max(cap, floor))
     bottleneck = None
-    pressure = work / (c * max(f.instances, 1))
-    if pressure > cfg.horizon and f.instances >= cfg.max_instances:
-        bottleneck = f"backlog needs {pressure:.1f}s to drain at {f.instances} (max) instances"
+    total = f.instances + f.peer_instances
+    pressure = work / (c * max(total, 1))
+    if pressure > cfg.horizon and total >= cfg.max_instances:
+        bottleneck = f"backlog needs {pressure:.1f}s to drain at {total} (max) instances"
     elif f.oldest_queued_age is not None and f.oldest_queued_age > 2 * cfg.horizon:
         bottleneck = f"oldest queued job waited {f.oldest_queued_age:.1f}s"
     return Need(up, down, work, bottleneck)
@@ -132,7 +156,8 @@ class Policy:
         return max(v for _, v in history)
 
     def targets(self, figures: Mapping[str, Figures], now: float) -> dict[str, tuple[int, str]]:
-        """Each service's target instance count, with the reason, before the global cap."""
+        """Each service's target instance count for the whole system, with the reason,
+        before the global cap."""
         out: dict[str, tuple[int, str]] = {}
         self.bottlenecks = {}
         for name, f in figures.items():
@@ -143,34 +168,45 @@ class Policy:
             lo, hi = cfg.min_instances, cfg.max_instances
             held = self._window_max(name, now, n.down)
             outstanding = f.queued + f.running
+            total = f.instances + f.peer_instances
             idle_for = 0.0
             if not outstanding:
                 idle_for = math.inf if f.last_activity is None else now - f.last_activity
-            if f.instances == 0 and f.queued:
+            if total == 0 and f.queued:
                 out[name] = (_clamp(n.up, max(lo, 1), hi), "cold start: jobs queued, none running")
                 self._history[name].downs.append((now, out[name][0]))
-            elif n.up > f.instances and n.work / (cfg.concurrency * max(f.instances, 1)) > (
-                f.cold_start if f.instances else 0
+            elif n.up > total and n.work / (cfg.concurrency * max(total, 1)) > (
+                f.cold_start if total else 0
             ):
                 out[name] = (_clamp(n.up, lo, hi), f"backlog {n.work:.2f}s of work")
                 # A level scaled up to is held for the down window, like the others.
                 self._history[name].downs.append((now, out[name][0]))
-            elif idle_for >= cfg.idle_timeout and f.instances > lo:
+            elif idle_for >= cfg.idle_timeout and total > lo:
                 out[name] = (lo, f"idle for {cfg.idle_timeout:g}s")
             else:
                 keep = max(lo, 1 if idle_for < cfg.idle_timeout else 0)
                 target = _clamp(max(keep, held), lo, hi)
-                if target < f.instances:
-                    target = max(target, f.instances - max(1, f.instances // 2))
+                if target < total:
+                    target = max(target, total - max(1, total // 2))
                     out[name] = (target, f"load fell over the last {cfg.down_window:g}s")
+                elif total < lo:
+                    out[name] = (lo, "below min_instances")
                 else:
-                    out[name] = (max(f.instances, lo) if f.instances < lo else f.instances, "")
-                    if f.instances < lo:
-                        out[name] = (lo, "below min_instances")
+                    out[name] = (total, "")
         return out
 
-    def decide(self, figures: Mapping[str, Figures], now: float) -> list[Action]:
+    def decide(
+        self, figures: Mapping[str, Figures], now: float, peers: Peers = Peers()
+    ) -> list[Action]:
         targets = self.targets(figures, now)
+        if peers.count > 1:
+            targets = {
+                name: (
+                    max(self.configs[name].min_instances, peers.share(target)),
+                    _shared(reason, target, peers),
+                )
+                for name, (target, reason) in targets.items()
+            }
         if self.max_total is not None and sum(t for t, _ in targets.values()) > self.max_total:
             targets = self._share(figures, targets)
         actions = []
@@ -220,6 +256,11 @@ class Policy:
             why = reason if capped == target else f"{reason}; global cap {budget}".lstrip("; ")
             out[name] = (capped, why)
         return out
+
+
+def _shared(reason: str, target: int, peers: Peers) -> str:
+    share = f"{peers.share(target)} of {target} here, {peers.count} supervisors"
+    return f"{reason}; {share}" if reason else f"sharing the system: {share}"
 
 
 def _clamp(value: int, lo: int, hi: int) -> int:

@@ -85,6 +85,8 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
             cfg = supervisor.policy.configs[name]
             services[name] = {
                 "instances": sum(i.alive and not i.draining for i in group),
+                # Run by the other supervisors on this store (other `bach serve`s).
+                "instances_elsewhere": supervisor.elsewhere.get(name, 0),
                 "draining": sum(i.alive and i.draining for i in group),
                 "min_instances": cfg.min_instances,
                 "max_instances": cfg.max_instances,
@@ -95,7 +97,9 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
                 "bottleneck": supervisor.policy.bottlenecks.get(name),
                 "instance_states": supervisor.states(name),
             }
-        return {"services": services}
+        if not options.workers:  # no supervisor here: nothing of its own to say
+            return {"services": services}
+        return {"services": services, "supervisors": supervisor.peers.count}
 
     app = create_app(
         engine,

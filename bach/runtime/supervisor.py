@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bach.backends.port import Backend
-from bach.core.scaling import Action, Config, Figures, Policy
+from bach.core.scaling import Action, Config, Figures, Peers, Policy
 from bach.core.score import Score, Service
 from bach.runtime.engine import HOST, worker_id
 from bach.runtime.forkserver import ForkServer
@@ -38,6 +38,8 @@ log = logging.getLogger("bach.supervisor")
 
 #: Seconds a new instance is assumed to take to start, until one has been measured.
 COLD_START = 0.5
+#: Seconds a supervisor counts as alive after it last said so (it says so every tick).
+PRESENCE_TTL = 5.0
 
 
 class Meter(Protocol):
@@ -133,6 +135,11 @@ class Supervisor:
         self.forks = None if in_process or not fork_server else ForkServer(self._on_ready)
         #: Per service: EWMA of the seconds from asking for an instance to its being ready.
         self.startup: dict[str, float] = {}
+        #: How this supervisor is known to the others on the store, and where it stands.
+        self.ident = f"{HOST}:{os.getpid()}:supervisor"
+        self.peers = Peers()
+        #: Per service: instances the other supervisors on the store run.
+        self.elsewhere: dict[str, int] = {}
 
     def _new_id(self, service: str) -> str:
         self._count += 1
@@ -222,6 +229,11 @@ class Supervisor:
                 await self.forks.start()
             except OSError as exc:
                 log.warning("no fork server (%s); workers start as new processes", exc)
+        try:
+            await self._announce()
+        except Exception as exc:  # the first tick will try again
+            log.warning("could not tell the store this supervisor is up (%s)", exc)
+        # Every supervisor keeps its own min_instances (see bach.core.scaling).
         for service in self.score.services.values():
             for _ in range(service.spec.low):
                 await self.start_instance(service)
@@ -278,6 +290,7 @@ class Supervisor:
             return
         now = time.monotonic()
         stats = await self.backend.stats(time.time())
+        elsewhere = await self._announce()
         service_times = self.meter.service_time if self.meter else {}
         figures: dict[str, Figures] = {}
         for name, instances in self.instances.items():
@@ -293,6 +306,7 @@ class Supervisor:
                 queued=queued,
                 running=running,
                 instances=len(active),
+                peer_instances=elsewhere.get(name, 0),
                 idle_instances=sum(1 for i in active if _state(i, stats.workers) == "idle"),
                 rate_short=short,
                 rate_long=long,
@@ -303,8 +317,24 @@ class Supervisor:
             )
         self.figures = figures
         self.busy = dict(stats.workers)
-        for action in self.policy.decide(figures, now):
+        for action in self.policy.decide(figures, now, self.peers):
             await self._carry_out(action, stats.workers)
+
+    async def _announce(self) -> dict[str, int]:
+        """Tell the store this supervisor is alive and what it runs; learn where it stands
+        among the others on the store. Returns the instances the others run, per service."""
+        own = {
+            name: sum(1 for i in group if i.alive and not i.draining)
+            for name, group in self.instances.items()
+        }
+        wall = time.time()
+        members = await self.backend.announce(self.ident, own, wall + PRESENCE_TTL, wall)
+        members[self.ident] = own
+        order = sorted(members)
+        self.peers = Peers(order.index(self.ident), len(order))
+        others = [counts for ident, counts in members.items() if ident != self.ident]
+        self.elsewhere = {name: sum(c.get(name, 0) for c in others) for name in self.instances}
+        return self.elsewhere
 
     async def _carry_out(self, action: Action, busy: Mapping[str, int]) -> None:
         service = self.score.services[action.service]
@@ -342,6 +372,8 @@ class Supervisor:
         """Stop every instance: each finishes its job within the grace period, or gives it
         back to the queue."""
         self._stopping.set()
+        with contextlib.suppress(Exception):  # the others take over this one's share at once
+            await self.backend.announce(self.ident, {}, 0.0, time.time())
         everyone = [i for instances in self.instances.values() for i in instances]
         await asyncio.gather(*(self._stop_instance(i) for i in everyone))
         if self.forks is not None:

@@ -154,3 +154,33 @@ def test_arrivals_queued_through_another_engine_count_for_scaling(tmp_path: Path
         assert all(status(front, rid) == "COMPLETE" for rid in ids)
         http.close()
         front.close()
+
+
+def test_two_systems_on_one_store_share_max_instances(tmp_path: Path, shared_store: str) -> None:
+    with (
+        running_system([SCORE], shared_store, tmp_path) as one,
+        running_system([SCORE], shared_store, tmp_path) as two,
+    ):
+        clients = [httpx.Client(base_url=s.url, timeout=30) for s in (one, two)]
+
+        def counts() -> list[tuple[int, int, int]]:
+            out = []
+            for http in clients:
+                stats = http.get("/api/stats").json()
+                burst = stats["services"]["burst"]
+                out.append((stats["supervisors"], burst["instances"], burst["instances_elsewhere"]))
+            return out
+
+        wait_for(lambda: [c[0] for c in counts()] == [2, 2], "each to see the other")
+        assert [c[1] for c in counts()] == [1, 1]  # each keeps its min_instances warm
+        ids = [submit(clients[i % 2], i, sleep=0.02) for i in range(300)]
+        peak = 0
+        while any(status(clients[0], rid) != "COMPLETE" for rid in ids[-5:]):
+            ours = [c[1] for c in counts()]
+            assert sum(ours) <= 4, ours  # max_instances holds for the system, not each
+            peak = max(peak, sum(ours))
+            time.sleep(0.1)
+        assert peak == 4
+        assert all(status(clients[1], rid) == "COMPLETE" for rid in ids)
+        for http in clients:
+            http.close()

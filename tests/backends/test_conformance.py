@@ -247,6 +247,15 @@ async def test_stats_sum_the_tasks_still_to_run_as_records_change(backend: Backe
     assert (await backend.stats(NOW)).to_run == 1
 
 
+async def test_supervisors_announce_themselves_and_see_each_other(backend: Backend) -> None:
+    assert await backend.announce("s1", {"A": 2}, NOW + 5, NOW) == {"s1": {"A": 2}}
+    seen = await backend.announce("s2", {"A": 1, "B": 0}, NOW + 5, NOW)
+    assert seen == {"s1": {"A": 2}, "s2": {"A": 1, "B": 0}}
+    # s1 says nothing more: once its time is up, it is gone; s2's new figures replace its old.
+    assert await backend.announce("s2", {"A": 3}, NOW + 10, NOW + 6) == {"s2": {"A": 3}}
+    assert await backend.announce("s2", {}, NOW + 6, NOW + 7) == {}  # withdrawn
+
+
 async def test_waiting_for_jobs_wakes_on_enqueue(backend: Backend) -> None:
     await backend.create(record("r1"), "plan1", "{}", [])
     assert await backend.lease("A", "w1", NOW, 10) == []  # starts listening

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from bach.core.scaling import Action, Config, Figures, Policy, need
+from bach.core.scaling import Action, Config, Figures, Peers, Policy, need
 
 TICK = 0.5
 DT = 0.01
@@ -28,6 +28,8 @@ class Job:
 @dataclass
 class Instance:
     ready_at: float
+    #: Which supervisor runs it (several share one store).
+    owner: int = 0
     job: Job | None = None
     busy_until: float = 0.0
     idle_since: float = 0.0
@@ -51,8 +53,10 @@ class Sim:
         cold_start: float = 0.2,
         max_total: int | None = None,
         start: dict[str, int] | None = None,
+        supervisors: int = 1,
     ) -> None:
-        self.policy = Policy(configs, max_total)
+        self.policies = [Policy(configs, max_total) for _ in range(supervisors)]
+        self.policy = self.policies[0]
         self.services = {n: Service(c) for n, c in configs.items()}
         self.cold_start = cold_start
         self.now = 0.0
@@ -65,24 +69,30 @@ class Sim:
         self.max_total = max_total
         self.crashed = False
         for name, n in (start or {n: c.min_instances for n, c in configs.items()}).items():
-            self.services[name].instances = [Instance(0.0) for _ in range(n)]
+            self.services[name].instances = [
+                Instance(0.0, owner)
+                for owner in range(supervisors)
+                for _ in range(Peers(owner, supervisors).share(n))
+            ]
 
     def add(self, service: str, at: float, duration: float, count: int = 1) -> None:
         for _ in range(count):
             self.pending.append(Job(next(self.ids), service, at, duration))
         self.pending.sort(key=lambda j: j.arrives)
 
-    def figures(self) -> dict[str, Figures]:
+    def figures(self, owner: int = 0) -> dict[str, Figures]:
         out = {}
         for name, s in self.services.items():
-            ready = [i for i in s.instances if i.ready_at <= self.now]
+            mine = [i for i in s.instances if i.owner == owner]
+            ready = [i for i in mine if i.ready_at <= self.now]
             short = sum(1 for t in s.arrivals if t > self.now - 2) / 2
             window = s.cfg.down_window
             long = sum(1 for t in s.arrivals if t > self.now - window) / window
             out[name] = Figures(
                 queued=len(s.queue),
                 running=sum(1 for i in s.instances if i.job),
-                instances=len(s.instances),
+                instances=len(mine),
+                peer_instances=len(s.instances) - len(mine),
                 idle_instances=sum(1 for i in ready if i.job is None),
                 rate_short=short,
                 rate_long=long,
@@ -93,14 +103,18 @@ class Sim:
             )
         return out
 
-    def apply(self, actions: list[Action]) -> None:
+    def apply(self, actions: list[Action], owner: int = 0) -> None:
         for a in actions:
             s = self.services[a.service]
             if a.kind == "start":
-                s.instances += [Instance(self.now + self.cold_start) for _ in range(a.count)]
+                s.instances += [Instance(self.now + self.cold_start, owner) for _ in range(a.count)]
             else:
                 idle = sorted(
-                    (i for i in s.instances if i.job is None and i.ready_at <= self.now),
+                    (
+                        i
+                        for i in s.instances
+                        if i.owner == owner and i.job is None and i.ready_at <= self.now
+                    ),
                     key=lambda i: i.idle_since,
                 )
                 for inst in idle[: a.count]:
@@ -143,7 +157,10 @@ class Sim:
                     inst.busy_until = self.now + inst.job.duration
         on_tick = round(self.now / DT) % round(TICK / DT) == 0
         if poke or on_tick:
-            self.apply(self.policy.decide(self.figures(), self.now))
+            count = len(self.policies)
+            for owner, policy in enumerate(self.policies):
+                peers = Peers(owner, count)
+                self.apply(policy.decide(self.figures(owner), self.now, peers), owner)
         for name, s in self.services.items():
             n = len(s.instances)
             self.history[name].append((self.now, n))
@@ -333,3 +350,41 @@ def test_10_bounds(case: str) -> None:
         sim.add("A", 0.0, 0.02, 50)
         sim.run(10)
         assert min(n for _, n in sim.history["A"]) >= 2
+
+
+def test_11_two_supervisors_share_the_system_not_double_it() -> None:
+    sim = Sim({"A": BURST}, supervisors=2)
+    sim.add("A", 0.0, 0.02, count=400)
+    sim.run(1.0)
+    # The same backlog seen by both: two instances each, four in all (max), not eight.
+    owners = [i.owner for i in sim.services["A"].instances]
+    assert sorted(owners) == [0, 0, 1, 1]
+    sim.finished_at()
+    sim.run(sim.now + 15)
+    assert sim.services["A"].instances == []  # idle: both down to min_instances 0
+    sim.assert_acked_once(400)
+
+
+def test_11b_each_supervisor_keeps_its_minimum_and_a_burst_still_shares_the_maximum() -> None:
+    warm = Config(min_instances=1, max_instances=4, idle_timeout=8, down_window=3)
+    sim = Sim({"A": warm}, supervisors=2)
+    sim.run(2.0)
+    assert sorted(i.owner for i in sim.services["A"].instances) == [0, 1]  # both warm
+    sim.add("A", 2.0, 0.02, count=400)
+    sim.run(3.0)
+    assert sorted(i.owner for i in sim.services["A"].instances) == [0, 0, 1, 1]
+    sim.finished_at()
+    sim.run(sim.now + 15)
+    assert sorted(i.owner for i in sim.services["A"].instances) == [0, 1]
+    sim.assert_acked_once(400)
+    # Supervisor 0 goes (its host died): the other carries on alone, warm.
+    sim.services["A"].instances = [i for i in sim.services["A"].instances if i.owner == 1]
+    sim.policies.pop(0)
+    for instance in sim.services["A"].instances:
+        instance.owner = 0  # the one left is number 0 of 1 now
+    sim.add("A", sim.now, 0.02, count=400)
+    sim.run(sim.now + 1.0)
+    assert len(sim.services["A"].instances) == 4
+    sim.finished_at()
+    sim.assert_acked_once(800)
+    assert sum(Peers(rank, 3).share(4) for rank in range(3)) == 4
