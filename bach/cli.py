@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from functools import wraps
 from typing import Any, ClassVar, ParamSpec, TypeVar
 
@@ -514,24 +514,50 @@ def _status_view(figures: dict[str, Any], events: list[dict[str, Any]]) -> Any:
 @_errors_to_exit
 def status(watch: bool, interval: float, server: str, token: str | None, as_json: bool) -> None:
     """Show the system's figures: requests, tasks, each service, scaling decisions."""
-    from rich.console import Console
+    from rich.console import Console, Group
     from rich.live import Live
+    from rich.text import Text
 
     with Client(server, token) as client:
         if as_json:
             click.echo(json.dumps(client.stats(), indent=2))
             return
+        frames = _status_frames(client, interval)
+        first, _ = next(frames)  # the server cannot be reached: exit 2 at once
         if not watch:
             width = None if sys.stdout.isatty() else 160  # a pipe gets the whole table
-            Console(width=width).print(_status_view(client.stats(), client.scaling_events()))
+            Console(width=width).print(first)
             return
-        with Live(
-            _status_view(client.stats(), client.scaling_events()), auto_refresh=False
-        ) as live:
-            with contextlib.suppress(KeyboardInterrupt):
-                while True:
-                    time.sleep(interval)
-                    live.update(_status_view(client.stats(), client.scaling_events()), refresh=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            if not sys.stdout.isatty():  # a pipe or a file: a stamped table per refresh
+                console = Console(width=160)
+                console.print(Text(time.strftime("%H:%M:%S")), first, "")
+                for table, warning in frames:
+                    console.print(warning or Text(time.strftime("%H:%M:%S")))
+                    if warning is None:
+                        console.print(table, "")
+                return
+            with Live(first, auto_refresh=False) as live:
+                for table, warning in frames:
+                    live.update(table if warning is None else Group(warning, table), refresh=True)
+
+
+def _status_frames(client: Client, interval: float) -> Iterator[tuple[Any, Any]]:
+    """The status table now, then every ``interval`` seconds, each with a warning or None.
+    The first fetch raises if the server cannot be reached; later, the last table comes
+    with a warning until it can be again, so a restart of the server does not end a watch."""
+    from rich.text import Text
+
+    last = _status_view(client.stats(), client.scaling_events())
+    yield last, None
+    while True:
+        time.sleep(interval)
+        try:
+            last = _status_view(client.stats(), client.scaling_events())
+            yield last, None
+        except ClientError as exc:
+            stamp = time.strftime("%H:%M:%S")
+            yield last, Text(f"{stamp} {exc}; retrying", style="bold red")
 
 
 def _show_tree(run: dict[str, Any], as_json: bool) -> None:

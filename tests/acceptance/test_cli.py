@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
-from tests.helpers import EXAMPLES, FIXTURES, bach, running_system
+from tests.helpers import BACH, EXAMPLES, FIXTURES, bach, running_system, start_system, stop
 
 pytestmark = pytest.mark.slow
 
@@ -126,3 +129,60 @@ def test_retention_takes_durations_and_refuses_nonsense(tmp_path: Path) -> None:
         "serve", "--score", str(EXAMPLES / "arith.yaml"), "--retain", "soon", cwd=tmp_path
     )
     assert refused.returncode == 2 and "'soon' is not a duration" in refused.stderr
+
+
+ROW = re.compile(r"^(\S+)\s+\d+\s+\d+\s+.+?\s+\d+-\d+\s+[\d.]+\s+\S+\s+(\d+)\s+\d+", re.M)
+
+
+def _done(frame: str) -> dict[str, int]:
+    """Each service's completed count in one table of ``bach status``."""
+    return {name: int(done) for name, done in ROW.findall(frame)}
+
+
+def _wait_for(path: Path, pattern: str, after: int = 0, timeout: float = 30) -> int:
+    """Where ``pattern`` first shows in the file past ``after``, waiting for it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.compile(pattern, re.M).search(path.read_text(), after)
+        if match:
+            return match.start()
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} never showed:\n{path.read_text()[-3000:]}")
+
+
+def test_status_watch_refreshes_and_rides_out_a_server_restart(tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path}/bach.db"
+    system = start_system([EXAMPLES / "arith.yaml"], store, tmp_path)
+    port = system.url.rsplit(":", 1)[1]
+    out = tmp_path / "watch.out"
+    with open(out, "w") as sink:  # a pipe: one stamped table per refresh
+        watch = subprocess.Popen(
+            [*BACH, "status", "--watch", "--interval", "0.2", "--server", system.url],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            # Ctrl-C as a terminal delivers it, whatever the runner did to SIGINT.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+    try:
+        _wait_for(out, r"^A\s")
+        sent = bach("submit", "--todo", "A,B", "--input", "5", "--wait", "--server", system.url)
+        assert sent.returncode == 0, sent.stderr
+        frames = re.split(r"^\d\d:\d\d:\d\d$", out.read_text(), flags=re.M)
+        assert _done(frames[1]) == {"A": 0, "B": 0}, frames[1]
+        # Later tables show the request's two tasks done: the table refreshes.
+        _wait_for(out, r"^B\s.*\s1\s+0\s+-", after=len(frames[0]) + len(frames[1]))
+        stop(system.process)
+        lost = _wait_for(out, r"cannot reach the Bach server .*; retrying$")
+        system = start_system([EXAMPLES / "arith.yaml"], store, tmp_path, "--port", port)
+        # A fresh table (no warning over it) once the server is back, with the counts the
+        # store kept across the restart.
+        back = _wait_for(out, r"^\d\d:\d\d:\d\d\nactive requests 0", after=lost)
+        fresh = out.read_text()[back:].split("\n\n")[0]
+        assert _done(fresh) == {"A": 1, "B": 1}, fresh
+        watch.send_signal(signal.SIGINT)
+        assert watch.wait(10) == 0  # Ctrl-C ends the watch quietly
+        assert "Traceback" not in out.read_text()
+    finally:
+        stop(watch)
+        stop(system.process)
