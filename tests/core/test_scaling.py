@@ -213,6 +213,10 @@ def test_need_by_backlog_and_by_rate() -> None:
     assert need(Figures(rate_short=10, service_time=0.05), cfg).up == 1  # 0.5 busy -> 1
     assert need(Figures(), cfg).up == 0
     assert need(Figures(queued=1, service_time=100), cfg).up == 1  # never more than work
+    # An instance that runs four jobs at once drains four times as fast.
+    wide = Config(max_instances=10, concurrency=4)
+    assert need(Figures(queued=400, service_time=0.02), wide).up == 1
+    assert need(Figures(queued=9, service_time=100), wide).up == 3  # 9 jobs, 4 per instance
 
 
 def test_1_burst_from_zero_goes_straight_to_max_then_down_in_halves_then_off() -> None:

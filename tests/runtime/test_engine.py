@@ -128,6 +128,20 @@ async def test_a_result_that_is_not_json_fails_without_retrying(harness: Harness
     assert job.error is not None and "not JSON-able" in job.error
 
 
+async def test_one_instance_runs_as_many_jobs_at_once_as_its_concurrency(
+    harness: Harness, tmp_path: Path
+) -> None:
+    for i in range(4):
+        sub = Submission(input={"task": "w", "value": i, "sleep": 0.3}, todo=["wide"])
+        await harness.engine.submit(sub)
+    await harness.engine.run_until_idle(timeout=20)
+    calls = sorted(read_log(tmp_path / "calls.log"), key=lambda c: c["start"])
+    assert len(calls) == 4 and len({c["pid"] for c in calls}) == 1  # one instance (max 1)
+    first_three, fourth = calls[:3], calls[3]
+    assert max(c["start"] for c in first_three) < min(c["end"] for c in first_three)  # at once
+    assert fourth["start"] >= min(c["end"] for c in first_three)  # a slot had to free first
+
+
 async def test_same_key_twice_is_one_request(harness: Harness) -> None:
     first, created = await harness.engine.submit(Submission(input=5, todo=["A"], key="o-1"))
     again, created_again = await harness.engine.submit(Submission(input=9, todo=["B"], key="o-1"))
