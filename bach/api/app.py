@@ -26,6 +26,7 @@ from bach.api.schemas import (
     RequestView,
     SubmitBody,
 )
+from bach.backends.port import Stats
 from bach.commands.runner import CommandRunner
 from bach.core.machine import Request as BachRequest
 from bach.errors import BachError, Conflict, NotFound
@@ -36,7 +37,7 @@ log = logging.getLogger("bach.api")
 #: Longest a client may ask to wait for a request to end, in seconds.
 MAX_WAIT = 300.0
 
-StatsExtra = Callable[[], Awaitable[dict[str, Any]]]
+StatsExtra = Callable[[Stats], Awaitable[dict[str, Any]]]
 
 
 class Unauthorized(BachError):
@@ -224,7 +225,7 @@ async def gather_stats(request: Request, engine: Engine) -> dict[str, Any]:
     }
     extra: StatsExtra | None = request.app.state.stats_extra
     if extra is not None:
-        more = await extra()
+        more = await extra(figures)  # the same snapshot: instance states agree with it
         for name, figs in more.pop("services", {}).items():
             services.setdefault(name, {}).update(figs)
         body.update(more)

@@ -18,6 +18,7 @@ import uvicorn
 
 from bach.api.app import create_app
 from bach.backends import open_backend, store_url
+from bach.backends.port import Stats
 from bach.commands.runner import CommandRunner, Registry
 from bach.core.score import Score
 from bach.errors import StoreError
@@ -78,7 +79,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
         fork_server=options.fork_server,
     )
 
-    async def instances() -> dict[str, object]:
+    async def instances(stats: Stats) -> dict[str, object]:
         services: dict[str, object] = {}
         for name, group in supervisor.instances.items():
             f = supervisor.figures.get(name)
@@ -95,7 +96,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
                 if f is None or f.service_time is None
                 else round(f.service_time, 4),
                 "bottleneck": supervisor.policy.bottlenecks.get(name),
-                "instance_states": supervisor.states(name),
+                "instance_states": supervisor.states(name, stats.workers),
             }
         if not options.workers:  # no supervisor here: nothing of its own to say
             return {"services": services}

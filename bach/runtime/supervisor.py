@@ -267,9 +267,11 @@ class Supervisor:
                     released,
                 )
 
-    def states(self, service: str) -> dict[str, str]:
-        """Each live instance of a service: starting, busy (holds jobs), idle, or draining."""
-        return {i.ident: _state(i, self.busy) for i in self.instances[service] if i.alive}
+    def states(self, service: str, busy: Mapping[str, int] | None = None) -> dict[str, str]:
+        """Each live instance of a service: starting, busy (holds jobs), idle, or draining;
+        busy by the given jobs held per worker, else by the last tick's."""
+        held = self.busy if busy is None else busy
+        return {i.ident: _state(i, held) for i in self.instances[service] if i.alive}
 
     def _rates(self, name: str, now: float, dispatched: int) -> tuple[float, float]:
         """Arrival rates of a service over a short (2 s) and a long (down window) span."""

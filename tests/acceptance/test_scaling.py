@@ -22,6 +22,10 @@ def instances(http: httpx.Client, service: str) -> int:
     return int(http.get("/api/stats").json()["services"][service]["instances"])
 
 
+def states(http: httpx.Client, service: str) -> dict[str, str]:
+    return dict(http.get("/api/stats").json()["services"][service]["instance_states"])
+
+
 def test_a_burst_scales_up_to_max_then_back_to_min(tmp_path: Path, shared_store: str) -> None:
     with running_system([SCORE], shared_store, tmp_path) as system:
         http = httpx.Client(base_url=system.url, timeout=30)
@@ -74,6 +78,16 @@ def test_a_service_that_is_off_cold_starts_for_a_request(tmp_path: Path, shared_
         assert "sleeper 0 -> 1 (cold start" in shown.stdout, shown.stdout
         # The instance is up, holding no job: the table counts it as idle.
         assert re.search(r"sleeper\s+0\s+0\s+1 \(1 idle\)", shown.stdout), shown.stdout
+        # Busy while it holds a job, idle the moment the job is done (not a tick later).
+        body = {"todo": ["sleeper"], "input": {"task": "t", "value": 2, "sleep": 1.0}}
+        rid = http.post("/api/requests", json=body).json()["id"]
+        deadline = time.monotonic() + 10
+        while "busy" not in states(http, "sleeper").values() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert list(states(http, "sleeper").values()) == ["busy"]
+        done = http.get(f"/api/requests/{rid}", params={"wait": 20}).json()
+        assert done["status"] == "COMPLETE"
+        assert list(states(http, "sleeper").values()) == ["idle"]
         http.close()
 
 
