@@ -34,7 +34,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 log = logging.getLogger("bach.supervisor")
@@ -189,6 +189,8 @@ class Forked:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.returncode: int | None = None
+        #: Set to the monotonic time the worker said it can take jobs.
+        self.ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self._exited = asyncio.Event()
 
     def send_signal(self, sig: int) -> None:
@@ -211,12 +213,11 @@ class Forked:
 class ForkServer:
     """The supervisor's side: start the template, ask it for workers."""
 
-    def __init__(self, on_ready: Callable[[int], None]) -> None:
-        self.on_ready = on_ready
+    def __init__(self) -> None:
         self.process: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._pending: dict[int, asyncio.Future[Forked]] = {}
         self._children: dict[int, Forked] = {}
         self._count = 0
         self._open = False
@@ -255,13 +256,11 @@ class ForkServer:
         try:
             self._writer.write(json.dumps({"spawn": number, "argv": list(argv)}).encode() + b"\n")
             await self._writer.drain()
-            pid = await asyncio.wait_for(future, SPAWN_TIMEOUT)
+            return await asyncio.wait_for(future, SPAWN_TIMEOUT)
         except TimeoutError:
             raise OSError(f"no answer from the fork server in {SPAWN_TIMEOUT:g} s") from None
         finally:
             self._pending.pop(number, None)
-        child = self._children[pid] = Forked(pid)
-        return child
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         try:
@@ -286,18 +285,23 @@ class ForkServer:
             future = self._pending.get(message["spawned"])
             if future is not None and not future.done():
                 if "pid" in message:
-                    future.set_result(message["pid"])
+                    # Known from now on, so its readiness or exit, which may come next
+                    # on this channel before spawn() resumes, is not missed.
+                    child = self._children[message["pid"]] = Forked(message["pid"])
+                    future.set_result(child)
                 else:
                     future.set_exception(OSError(message.get("error", "fork failed")))
             elif "pid" in message:  # too late: the supervisor started one afresh instead
                 with contextlib.suppress(OSError):
                     os.kill(message["pid"], signal.SIGTERM)
         elif "ready" in message:
-            self.on_ready(message["ready"])
+            up = self._children.get(message["ready"])
+            if up is not None and not up.ready.done():
+                up.ready.set_result(time.monotonic())
         elif "exited" in message:
-            child = self._children.pop(message["exited"], None)
-            if child is not None:
-                child.exited(message["status"])
+            gone = self._children.pop(message["exited"], None)
+            if gone is not None:
+                gone.exited(message["status"])
 
     async def close(self) -> None:
         if self._writer is not None:

@@ -85,7 +85,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
             f = supervisor.figures.get(name)
             cfg = supervisor.policy.configs[name]
             services[name] = {
-                "instances": sum(i.alive and not i.draining for i in group),
+                "instances": sum(i.active for i in group),
                 # Run by the other supervisors on this store (other `bach serve`s).
                 "instances_elsewhere": supervisor.elsewhere.get(name, 0),
                 "draining": sum(i.alive and i.draining for i in group),

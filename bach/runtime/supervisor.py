@@ -82,6 +82,11 @@ class Instance:
             return self.process.returncode is None
         return self.task is not None and not self.task.done()
 
+    @property
+    def active(self) -> bool:
+        """Alive and not draining: an instance that counts toward the service's total."""
+        return self.alive and not self.draining
+
 
 class Supervisor:
     def __init__(
@@ -125,14 +130,12 @@ class Supervisor:
         self.meter = meter
         self.events: deque[dict[str, Any]] = deque(maxlen=1000)
         self.figures: dict[str, Figures] = {}
-        #: Jobs held per worker id, as of the last tick.
-        self.busy: dict[str, int] = {}
         self._samples: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
         self._last_activity: dict[str, float] = {}
         self._draining: set[asyncio.Task[None]] = set()
         self._died: set[str] = set()
         #: Starts new worker processes by forking a process that has imported Bach.
-        self.forks = None if in_process or not fork_server else ForkServer(self._on_ready)
+        self.forks = None if in_process or not fork_server else ForkServer()
         #: Per service: EWMA of the seconds from asking for an instance to its being ready.
         self.startup: dict[str, float] = {}
         #: How this supervisor is known to the others on the store, and where it stands.
@@ -155,7 +158,8 @@ class Supervisor:
             instance.task = asyncio.create_task(worker.run(), name=instance.ident)
             instance.ready = instance.started
         else:
-            instance.process = await self._spawn(service.name)
+            instance.process, ready = await self._spawn(service.name)
+            ready.add_done_callback(lambda f: self._on_ready(instance, f))
             # The worker names itself the same way (engine.worker_id), from its own pid,
             # so the engine can tell when it has died.
             instance.ident = worker_id(service.name, instance.process.pid)
@@ -163,12 +167,14 @@ class Supervisor:
         log.info("started %s", instance.ident)
         return instance
 
-    async def _spawn(self, service: str) -> Proc:
-        """A worker process: forked from the fork server, or started afresh if it is down."""
+    async def _spawn(self, service: str) -> tuple[Proc, asyncio.Future[float]]:
+        """A worker process: forked from the fork server, or started afresh if it is down;
+        and when it said it is ready (monotonic time)."""
         argv = self._arguments(service)
         if self.forks is not None and self.forks.alive:
             try:
-                return await self.forks.spawn(argv)
+                child = await self.forks.spawn(argv)
+                return child, child.ready
             except OSError as exc:
                 log.warning("fork server could not start a worker (%s); starting one afresh", exc)
         ready_r, ready_w = os.pipe()
@@ -191,27 +197,26 @@ class Supervisor:
         finally:
             os.close(ready_w)
         loop = asyncio.get_running_loop()
+        ready: asyncio.Future[float] = loop.create_future()
 
         def readable() -> None:
             loop.remove_reader(ready_r)
             with contextlib.suppress(OSError):
-                if os.read(ready_r, 1):
-                    self._on_ready(process.pid)
+                if os.read(ready_r, 1):  # nothing: it exited before it was ready
+                    ready.set_result(time.monotonic())
             os.close(ready_r)
 
         loop.add_reader(ready_r, readable)
-        return process
+        return process, ready
 
-    def _on_ready(self, pid: int) -> None:
-        for instances in self.instances.values():
-            for instance in instances:
-                if instance.process is not None and instance.process.pid == pid:
-                    instance.ready = time.monotonic()
-                    took = instance.ready - instance.started
-                    old = self.startup.get(instance.service)
-                    self.startup[instance.service] = took if old is None else (old + took) / 2
-                    log.info("%s ready in %.3f s", instance.ident, took)
-                    return
+    def _on_ready(self, instance: Instance, ready: asyncio.Future[float]) -> None:
+        if ready.cancelled():
+            return
+        instance.ready = ready.result()
+        took = instance.ready - instance.started
+        old = self.startup.get(instance.service)
+        self.startup[instance.service] = took if old is None else (old + took) / 2
+        log.info("%s ready in %.3f s", instance.ident, took)
 
     def _arguments(self, service: str) -> list[str]:
         cmd = ["worker", "--service", service]
@@ -267,11 +272,10 @@ class Supervisor:
                     released,
                 )
 
-    def states(self, service: str, busy: Mapping[str, int] | None = None) -> dict[str, str]:
-        """Each live instance of a service: starting, busy (holds jobs), idle, or draining;
-        busy by the given jobs held per worker, else by the last tick's."""
-        held = self.busy if busy is None else busy
-        return {i.ident: _state(i, held) for i in self.instances[service] if i.alive}
+    def states(self, service: str, busy: Mapping[str, int]) -> dict[str, str]:
+        """Each live instance of a service: starting, busy (holds jobs, by ``busy``: jobs
+        held per worker, as the store has them), idle, or draining."""
+        return {i.ident: _state(i, busy) for i in self.instances[service] if i.alive}
 
     def _rates(self, name: str, now: float, dispatched: int) -> tuple[float, float]:
         """Arrival rates of a service over a short (2 s) and a long (down window) span."""
@@ -302,7 +306,7 @@ class Supervisor:
             short, long = self._rates(name, now, q.enqueued if q else 0)
             if queued or running or short or name not in self._last_activity:
                 self._last_activity[name] = now  # idle time counts from boot or last work
-            active = [i for i in instances if i.alive and not i.draining]
+            active = [i for i in instances if i.active]
             oldest = q.oldest_queued_at if q else None
             figures[name] = Figures(
                 queued=queued,
@@ -318,17 +322,13 @@ class Supervisor:
                 cold_start=self.startup.get(name, COLD_START),
             )
         self.figures = figures
-        self.busy = dict(stats.workers)
         for action in self.policy.decide(figures, now, self.peers):
             await self._carry_out(action, stats.workers)
 
     async def _announce(self) -> dict[str, int]:
         """Tell the store this supervisor is alive and what it runs; learn where it stands
         among the others on the store. Returns the instances the others run, per service."""
-        own = {
-            name: sum(1 for i in group if i.alive and not i.draining)
-            for name, group in self.instances.items()
-        }
+        own = {name: sum(i.active for i in group) for name, group in self.instances.items()}
         wall = time.time()
         members = await self.backend.announce(self.ident, own, wall + PRESENCE_TTL, wall)
         members[self.ident] = own

@@ -13,6 +13,7 @@ import pytest
 
 from bach.backends import open_backend
 from bach.core.score import load_scores
+from bach.runtime.forkserver import ForkServer
 from bach.runtime.supervisor import Supervisor
 from tests.helpers import FIXTURES, System, kill_all, read_log, running_system
 
@@ -122,12 +123,12 @@ async def test_an_instance_is_starting_until_its_worker_says_it_is_ready(tmp_pat
     try:
         instance = await supervisor.start_instance(score.services["sleeper"])
         # A new Python process takes far longer to import Bach than this takes.
-        assert supervisor.states("sleeper") == {instance.ident: "starting"}
+        assert supervisor.states("sleeper", {}) == {instance.ident: "starting"}
         for _ in range(400):
-            if supervisor.states("sleeper") == {instance.ident: "idle"}:
+            if supervisor.states("sleeper", {}) == {instance.ident: "idle"}:
                 break
             await asyncio.sleep(0.05)
-        assert supervisor.states("sleeper") == {instance.ident: "idle"}
+        assert supervisor.states("sleeper", {}) == {instance.ident: "idle"}
         assert 0 < supervisor.startup["sleeper"] < 20
     finally:
         await supervisor.stop()
@@ -184,3 +185,27 @@ def test_two_systems_on_one_store_share_max_instances(tmp_path: Path, shared_sto
         assert all(status(clients[1], rid) == "COMPLETE" for rid in ids)
         for http in clients:
             http.close()
+
+
+async def test_a_forked_process_that_exits_at_once_is_seen_to_exit() -> None:
+    forks = ForkServer()
+    await forks.start()
+    try:
+        child = await forks.spawn(["worker", "--help"])  # prints and exits: no worker
+        assert await asyncio.wait_for(child.wait(), 10) == 0
+        assert not child.ready.done()  # it never said it was ready
+    finally:
+        await forks.close()
+
+
+async def test_readiness_and_exit_that_arrive_before_spawn_resumes_are_kept() -> None:
+    # The template's messages for one worker can come in one read: spawned, ready, exited.
+    # Each is handled as it is read, before the waiting spawn() gets its turn.
+    forks = ForkServer()
+    pending = asyncio.get_running_loop().create_future()
+    forks._pending[1] = pending
+    forks._handle({"spawned": 1, "pid": 4242})
+    forks._handle({"ready": 4242})
+    forks._handle({"exited": 4242, "status": 3})
+    child = await pending
+    assert child.ready.done() and child.returncode == 3
