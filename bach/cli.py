@@ -456,16 +456,14 @@ def cancel(ref: str, server: str, token: str | None, as_json: bool) -> None:
         _show(client.cancel(ref), as_json)
 
 
-#: The states of an instance, in the order ``bach status`` lists them.
-STATES = ("busy", "idle", "starting", "draining")
-
-
 def _instances_cell(service: dict[str, Any]) -> str:
     """``3 (2 busy, 1 starting)``: the count and how many are in each state."""
     if "instances" not in service:
         return "-"
+    from bach.core.scaling import INSTANCE_STATES
+
     states = Counter(service.get("instance_states", {}).values())
-    shown = ", ".join(f"{states[s]} {s}" for s in STATES if states[s])
+    shown = ", ".join(f"{states[s]} {s}" for s in INSTANCE_STATES if states[s])
     return f"{service['instances']} ({shown})" if shown else str(service["instances"])
 
 

@@ -1,6 +1,6 @@
 """Autoscaling beside fixed instance counts: a burst of jobs, three systems, one run.
 
-Three `bach serve` systems on their own SQLite stores, one service `work` (a Python
+Four `bach serve` systems on their own SQLite stores, one service `work` (a Python
 handler sleeping ``--ms`` milliseconds per job):
 
 - auto:   min_instances 1, max_instances ``--max``, idle_timeout ``--idle``

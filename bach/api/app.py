@@ -29,6 +29,7 @@ from bach.api.schemas import (
 from bach.backends.port import Stats
 from bach.commands.runner import CommandRunner
 from bach.core.machine import Request as BachRequest
+from bach.core.scaling import INSTANCE_STATES
 from bach.errors import BachError, Conflict, NotFound
 from bach.runtime.engine import Engine, Submission
 
@@ -280,7 +281,7 @@ async def metrics(request: Request) -> Response:
     )
     for service, figures in body["services"].items():
         states = list(figures.get("instance_states", {}).values())
-        for state in ("starting", "busy", "idle", "draining"):
+        for state in INSTANCE_STATES:
             by_state.labels(service, state).set(states.count(state))
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

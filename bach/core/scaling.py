@@ -32,6 +32,10 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+#: The states of a worker instance, in the order ``bach status`` lists them: holding a
+#: job, up and holding none, not yet ready, finishing its job before it stops.
+INSTANCE_STATES = ("busy", "idle", "starting", "draining")
+
 
 @dataclass(frozen=True)
 class Config:
