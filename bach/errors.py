@@ -20,10 +20,23 @@ class BachError(Exception):
         return {"type": type(self).__name__, "field": self.field, "reason": self.reason}
 
 
+class InvalidJSON(BachError):
+    """Text that is not JSON (RFC 8259): a syntax error, NaN or Infinity, bytes that are
+    not UTF-8."""
+
+    status = 400
+
+
 class InvalidInput(BachError):
     """A request or command body that cannot be accepted."""
 
     status = 422
+
+
+class TooLarge(BachError):
+    """A body, input or result over its size limit."""
+
+    status = 413
 
 
 class NotFound(BachError):
