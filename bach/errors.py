@@ -39,6 +39,13 @@ class TooLarge(BachError):
     status = 413
 
 
+class UnreadableRecord(BachError):
+    """A stored record this version of Bach cannot read (written by another version, or
+    damaged): a fault of the store, not of the request that asks for it."""
+
+    status = 500
+
+
 class NotFound(BachError):
     """A request, rubric, client or service that does not exist."""
 

@@ -6,6 +6,7 @@ stack trace never reaches a client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -14,29 +15,39 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bach import __version__
+from bach.api.body import body_schema, first_error, read_model
 from bach.api.schemas import (
     CommandBody,
+    CommandCall,
     ErrorView,
     RequestList,
     RequestView,
     SubmitBody,
+    readable,
+    readable_page,
+    summary_of,
+    view_of,
 )
+from bach.backends import redact_url
 from bach.backends.port import Stats
 from bach.commands.runner import CommandRunner
+from bach.core.limits import Limits
 from bach.core.machine import Request as BachRequest
 from bach.core.scaling import INSTANCE_STATES
 from bach.errors import BachError, Conflict, NotFound
-from bach.runtime.engine import Engine, Submission
+from bach.runtime.engine import Engine, Submission, Unreadable
 
 log = logging.getLogger("bach.api")
 
 #: Longest a client may ask to wait for a request to end, in seconds.
 MAX_WAIT = 300.0
+#: Jobs in a request beyond which its view is rendered off the event loop.
+LARGE_VIEW = 200
 
 StatsExtra = Callable[[Stats], Awaitable[dict[str, Any]]]
 
@@ -56,25 +67,30 @@ async def _bach_error(_: Request, exc: Exception) -> JSONResponse:
 
 async def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    first: dict[str, Any] = dict(errors[0]) if errors else {"loc": ("body",), "msg": "invalid"}
-    if first.get("type") == "json_invalid":
-        detail = str(first.get("ctx", {}).get("error", ""))
-        return _error(400, "InvalidJSON", "body", f"not valid JSON: {detail}".strip(": "))
-    loc = [str(p) for p in first.get("loc", ())]
-    if loc and loc[0] in ("body", "query", "path"):
-        loc = loc[1:]
-    reason = str(first.get("msg", "invalid"))
-    if first.get("type") == "extra_forbidden":
-        reason = "unknown field"
-    elif first.get("type") == "model_attributes_type":
-        reason = "the body must be a JSON object"
-    return _error(422, "InvalidInput", ".".join(loc) or "body", reason)
+    error = first_error(exc.errors())
+    return _error(error.status, type(error).__name__, error.field, error.reason)
 
 
-async def _http_error(_: Request, exc: Exception) -> JSONResponse:
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    return _error(exc.status_code, "HTTPError", "path", str(exc.detail))
+    response = _error(exc.status_code, "HTTPError", "path", str(exc.detail))
+    response.headers.update(exc.headers or {})
+    if exc.status_code == 405:  # Starlette names the first route's methods only
+        response.headers["allow"] = ", ".join(_allowed(request))
+    return response
+
+
+def _allowed(request: Request) -> list[str]:
+    """Every method the API document gives this path."""
+    given = request.url.path.strip("/").split("/")
+    methods: set[str] = set()
+    for template, operations in request.app.openapi()["paths"].items():
+        parts = template.strip("/").split("/")
+        if len(parts) == len(given) and all(
+            part.startswith("{") or part == seg for part, seg in zip(parts, given, strict=True)
+        ):
+            methods |= {method.upper() for method in operations}
+    return sorted(methods) or ["GET"]
 
 
 async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -102,33 +118,65 @@ StatusFilter = Annotated[str | None, Query(pattern="^(PENDING|RUNNING|COMPLETE|F
 router = APIRouter(prefix="/api", dependencies=[Depends(_authorize)])
 
 
-async def _view(engine: Engine, request: BachRequest) -> RequestView:
+async def _view(engine: Engine, request: BachRequest, status: int = 200) -> Response:
     leased = {} if request.terminal else await engine.backend.leased(request.id)
-    return RequestView.of(request, leased)
+    view = view_of(request, leased)
+    if len(request.jobs) > LARGE_VIEW:
+        body = await asyncio.to_thread(readable, view)
+    else:
+        body = readable(view)
+    return Response(body, status, media_type="application/json")
 
 
-@router.post("/requests", status_code=201, response_model=RequestView)
-async def submit(
-    body: SubmitBody, response: Response, engine: EngineDep, wait: Wait = 0
-) -> RequestView:
+def _limits(engine: Engine) -> Limits:
+    return engine.limits
+
+
+SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"model": RequestView, "description": "The key was used before: that request."},
+    201: {"model": RequestView, "description": "A new request."},
+}
+
+
+@router.post(
+    "/requests",
+    status_code=201,
+    response_model=RequestView,
+    responses=SUBMIT_RESPONSES,
+    openapi_extra=body_schema("SubmitBody"),
+)
+async def submit(http: Request, engine: EngineDep, wait: Wait = 0) -> Response:
     """Start a request (or, with a key already used, return that request)."""
+    body = await read_model(http, SubmitBody, _limits(engine))
     request, created = await engine.submit(
         Submission(
             input=body.input, rubric=body.rubric, client=body.client, todo=body.todo, key=body.key
         )
     )
-    if not created:
-        response.status_code = 200
     if wait:
         request = await engine.wait(request.id, wait, current=request)
-    return await _view(engine, request)
+    return await _view(engine, request, 201 if created else 200)
 
 
 @router.get("/requests/{ref}", response_model=RequestView)
-async def get_request(ref: str, engine: EngineDep, wait: Wait = 0) -> RequestView:
+async def get_request(ref: str, engine: EngineDep, wait: Wait = 0) -> Response:
     """A request by id or tracking key, with the trace of every job."""
     request = await (engine.wait(ref, wait) if wait else engine.get(ref))
     return await _view(engine, request)
+
+
+def _summary(item: BachRequest | Unreadable) -> dict[str, Any]:
+    if isinstance(item, Unreadable):
+        r = item.record
+        return {
+            "id": r.id,
+            "key": r.key,
+            "status": r.status,
+            "created_at": r.created_at,
+            "updated_at": r.updated_at,
+            "unreadable": item.reason,
+        }
+    return summary_of(item)
 
 
 @router.get("/requests", response_model=RequestList)
@@ -136,14 +184,19 @@ async def list_requests(
     engine: EngineDep,
     status: StatusFilter = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> RequestList:
-    """Newest first."""
-    requests = await engine.list_requests(status, limit)
-    return RequestList(requests=[RequestView.of(r) for r in requests])
+    before: Annotated[
+        float | None, Query(description="only requests created before this time (paging)")
+    ] = None,
+) -> Response:
+    """Newest first, as summaries (the full request is one GET away); ``next`` is the
+    ``before`` of the next page."""
+    found, more = await engine.list_requests(status, limit, before)
+    page = {"requests": [_summary(item) for item in found], "next": more}
+    return Response(readable_page(page), media_type="application/json")
 
 
 @router.delete("/requests/{ref}", response_model=RequestView)
-async def cancel(ref: str, engine: EngineDep) -> RequestView:
+async def cancel(ref: str, engine: EngineDep) -> Response:
     """Cancel a request that has not ended; its queued jobs are withdrawn."""
     request = await engine.get(ref)
     if request.terminal:
@@ -157,29 +210,38 @@ def _runner(engine: Engine) -> CommandRunner:
     return engine.commands
 
 
-@router.post("/commands", status_code=201)
-async def submit_command(
-    body: CommandBody, response: Response, engine: EngineDep, wait: Wait = 0
-) -> dict[str, Any]:
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "The key was used before: that run's CommandState tree."},
+    201: {"description": "A new run's CommandState tree."},
+}
+
+
+@router.post(
+    "/commands",
+    status_code=201,
+    responses=COMMAND_RESPONSES,
+    openapi_extra=body_schema("CommandBody"),
+)
+async def submit_command(http: Request, engine: EngineDep, wait: Wait = 0) -> Response:
     """Start a command run (seed 004); answers at once with its CommandState tree, or
     with the first run when the key was used before."""
     runner = _runner(engine)
-    key = None if body.key is None else str(body.key)
+    body = await read_model(http, CommandBody, _limits(engine))
     items = [call.model_dump() for call in body.commands]
-    run, created = await runner.submit(items, key)
-    if not created:
-        response.status_code = 200
+    run, created = await runner.submit(items, body.key)
     if wait:
         run = await runner.wait(run.id, wait)
-    return run.view()
+    return Response(
+        readable_page(run.view()), 201 if created else 200, media_type="application/json"
+    )
 
 
 @router.get("/commands/{ref}")
-async def get_command(ref: str, engine: EngineDep, wait: Wait = 0) -> dict[str, Any]:
+async def get_command(ref: str, engine: EngineDep, wait: Wait = 0) -> Response:
     """A command run's CommandState tree, by id or key."""
     runner = _runner(engine)
     run = await (runner.wait(ref, wait) if wait else runner.get(ref))
-    return run.view()
+    return Response(readable_page(run.view()), media_type="application/json")
 
 
 @router.get("/events/scaling")
@@ -297,7 +359,7 @@ async def healthz(engine: EngineDep) -> JSONResponse:
     return JSONResponse(
         {
             "ok": True,
-            "store": engine.backend.url.split("?")[0],
+            "store": redact_url(engine.backend.url),
             "store_ms": elapsed,
             "version": __version__,
         }
@@ -312,7 +374,7 @@ def create_app(
     scaling_events: Callable[[], list[dict[str, Any]]] | None = None,
 ) -> FastAPI:
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorView} for code in (400, 401, 404, 409, 422)
+        code: {"model": ErrorView} for code in (400, 401, 404, 405, 409, 413, 415, 422)
     }
     app = FastAPI(
         title="Bach",
@@ -329,6 +391,37 @@ def create_app(
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _unexpected)
     app.include_router(router)
-    app.add_api_route("/healthz", healthz, methods=["GET"])
-    app.add_api_route("/metrics", metrics, methods=["GET"], dependencies=[Depends(_authorize)])
+    app.add_api_route(
+        "/healthz",
+        healthz,
+        methods=["GET"],
+        responses={503: {"description": "The store does not answer."}},
+    )
+    app.add_api_route(
+        "/metrics",
+        metrics,
+        methods=["GET"],
+        dependencies=[Depends(_authorize)],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    _publish_bodies(app)
     return app
+
+
+def _publish_bodies(app: FastAPI) -> None:
+    """Put the bodies that routes read themselves (read_model) into the OpenAPI
+    document's components, where their routes' requestBody points."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            found = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (SubmitBody, CommandBody, CommandCall):
+                shape = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                shape.pop("$defs", None)
+                found[model.__name__] = shape
+        return app.openapi_schema or {}
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -19,6 +19,22 @@ def store_url(url: str | None = None) -> str:
     return url or os.environ.get("BACH_STORE") or DEFAULT_STORE
 
 
+def redact_url(url: str) -> str:
+    """A store URL fit to show: the password hidden, the query (options) left out.
+    ``redis://app:secret@h:6379/0?x=1`` -> ``redis://app:***@h:6379/0``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" not in netloc:
+        return url.split("?")[0]
+    if "@" in netloc:
+        user, _, host = netloc.rpartition("@")
+        name, colon, _ = user.partition(":")
+        netloc = f"{name}:***@{host}" if colon else f"{name}@{host}" if name else host
+        if not colon and name and parts.scheme.startswith("redis"):
+            netloc = f"***@{host}"  # redis://secret@host: the only credential is a password
+    return f"{parts.scheme}://{netloc}{parts.path}"
+
+
 def open_backend(url: str | None = None) -> Backend:
     """Open a backend by URL. Imports only the implementation the scheme names."""
     url = store_url(url)

@@ -31,6 +31,7 @@ from typing import Any
 from bach.backends.port import Backend, JobRecord, Report, RequestRecord, Transition
 from bach.commands import CommandFailed, DuplicateAlias, command_name, is_command
 from bach.commands.state import PLAN_ID, Node, Run, Status, error_of
+from bach.core.limits import DEFAULTS, Limits, check_key, encode_json, option, read_result
 from bach.core.score import Score
 from bach.errors import BachError, InvalidInput, NotFound
 
@@ -75,12 +76,11 @@ class Registry:
         return self.commands[name]
 
 
-def _jsonable(value: Any, what: str) -> Any:
-    """The value as it will read back from the store (tuples become lists, and so on)."""
-    try:
-        return json.loads(json.dumps(value))
-    except (TypeError, ValueError) as exc:
-        raise InvalidInput(what, f"is not JSON-able: {exc}") from None
+def _jsonable(value: Any, what: str, limits: Limits, limit: str) -> Any:
+    """The value as it will read back from the store (tuples become lists, and so on);
+    InvalidInput or TooLarge if it is not JSON Bach can keep (NaN, too deep, too large:
+    ``limit`` names the size limit, input or result)."""
+    return json.loads(encode_json(value, what, getattr(limits, limit), limit, limits.depth))
 
 
 def _record(run: Run, version: int, created_at: float, now: float) -> RequestRecord:
@@ -118,7 +118,11 @@ def _service_job(
 
 
 def apply_service_reports(
-    record: RequestRecord, reports: Sequence[Report], score: Score, now: float
+    record: RequestRecord,
+    reports: Sequence[Report],
+    score: Score,
+    now: float,
+    limits: Limits = DEFAULTS,
 ) -> Transition:
     """Apply workers' reports on a run's service calls to its stored tree (engine side)."""
     run = load_run(record)
@@ -129,17 +133,19 @@ def apply_service_reports(
         if node is None or node.service is None or node.ended or node.job != report.job_id:
             continue  # stale: a duplicate, or an attempt already superseded
         changed = True
+        retryable, message = report.retryable, report.payload
         if report.ok:
-            node.status, node.response, node.error = (
-                Status.COMPLETE,
-                json.loads(report.payload),
-                None,
-            )
-            continue
-        node.error = {"type": "ServiceError", "message": report.payload}
+            try:
+                response = read_result(report.payload, limits)
+            except BachError as exc:  # not JSON Bach can keep: no retry will change that
+                retryable, message = False, f"{exc.field}: {exc.reason}"
+            else:
+                node.status, node.response, node.error = Status.COMPLETE, response, None
+                continue
+        node.error = {"type": "ServiceError", "message": message}
         service = score.services.get(node.service)
         spec = service.spec if service is not None else None
-        if spec is not None and report.retryable and node.attempts <= spec.retries:
+        if spec is not None and retryable and node.attempts <= spec.retries:
             delay = min(spec.max_backoff, spec.backoff * 2 ** (node.attempts - 1))
             node.attempts += 1
             job = _service_job(run.id, node, report.task, score, now + delay)
@@ -214,6 +220,7 @@ class CommandRunner:
         owner: str,
         clock: Callable[[], float] = time.time,
         is_dead: Callable[[str], bool] = lambda owner: False,
+        limits: Limits = DEFAULTS,
     ) -> None:
         self.backend = backend
         self.score = score
@@ -221,6 +228,8 @@ class CommandRunner:
         self.owner = owner
         self.clock = clock
         self.is_dead = is_dead
+        #: What a run may hold (bach serve's --max-* options).
+        self.limits = limits
         self._live: dict[str, _Live] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(64, thread_name_prefix="bach-command")
         self._closing = False
@@ -242,16 +251,22 @@ class CommandRunner:
                     f"commands[{i}].name",
                     f"{alias!r} is used twice; give repeated commands their own 'name'",
                 )
-            out.append((alias, name, _jsonable(item.get("request"), f"commands[{i}].request")))
+            request = _jsonable(item.get("request"), f"commands[{i}].request", self.limits, "input")
+            out.append((alias, name, request))
         return out
 
     async def submit(
-        self, items: Sequence[dict[str, Any]], key: str | None = None
+        self, items: Sequence[dict[str, Any]], key: str | int | None = None
     ) -> tuple[Run, bool]:
         """Store a new run and start it; the same key again returns the first run. Returns
         the run and whether it is new."""
-        if key is not None and not key:
-            raise InvalidInput("key", "the key must not be empty")
+        key = None if key is None else check_key(key, self.limits.key)
+        if len(items) > self.limits.tasks:
+            raise InvalidInput(
+                "commands",
+                f"{len(items)} commands; at most {self.limits.tasks} are allowed in one run "
+                f"({option('tasks')})",
+            )
         calls = self._names(items)
         rid = str(uuid.uuid4())
         now = self.clock()
@@ -426,7 +441,7 @@ class CommandRunner:
                 f"and is now a call of {target}",
             )
         if node is None:
-            request = _jsonable(request, f"request of {name!r}")
+            request = _jsonable(request, f"request of {name!r}", self.limits, "input")
             node = Node(command=target, name=name, request=request, service=service)
             parent.children[name] = node
         if node.status == Status.COMPLETE:
@@ -455,7 +470,7 @@ class CommandRunner:
                     response = await loop.run_in_executor(
                         self._pool, instance.execute, context, node.request
                     )
-                response = _jsonable(response, f"response of {node.name!r}")
+                response = _jsonable(response, f"response of {node.name!r}", self.limits, "result")
             except (RunLost, asyncio.CancelledError):
                 raise
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from bach.core.limits import clean_text
+
 #: ``plan_id`` of the request records that hold command runs.
 PLAN_ID = "command"
 
@@ -160,5 +162,10 @@ class Run:
         walk(self.root, stored.root)
 
 
+#: Characters of an error message kept in a run's record.
+ERROR_TEXT = 16_000
+
+
 def error_of(exc: BaseException) -> dict[str, str]:
-    return {"type": type(exc).__name__, "message": str(exc) or type(exc).__name__}
+    message = clean_text(str(exc) or type(exc).__name__, ERROR_TEXT)
+    return {"type": type(exc).__name__, "message": message}

@@ -57,6 +57,9 @@ class Limits:
             raise ValueError(f"limit depth must be at most {DEPTH_CEILING}")
 
 
+#: The defaults (what ``bach serve`` uses without its --max-* options).
+DEFAULTS = Limits()
+
 #: The ``bach serve`` option of each limit, named in errors so a user knows what to raise.
 OPTIONS = {
     "body": "--max-body",
@@ -248,17 +251,30 @@ def encode_json(value: Any, where: str, limit: int, limit_name: str, depth: int)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(where, f"is not JSON-able: {exc}") from None
     try:
-        size = len(text.encode("utf-8"))
+        check_size(text, where, limit, limit_name)
     except UnicodeEncodeError:
         check_value(value, where, depth, strings=True)  # names the string
-        raise AssertionError("unreachable") from None
+        raise
+    return text
+
+
+def check_size(text: str, where: str, limit: int, limit_name: str) -> None:
+    """TooLarge when ``text`` is over ``limit`` bytes of UTF-8."""
+    size = len(text) if text.isascii() else len(text.encode("utf-8"))
     if size > limit:
         raise TooLarge(
             where,
             f"is {size_text(size)} of JSON; at most {size_text(limit)} is allowed"
             f" ({option(limit_name)})",
         )
-    return text
+
+
+def read_result(payload: str, limits: Limits = DEFAULTS) -> Any:
+    """A service's result, from the JSON text a worker reported: checked again where it
+    is applied, since a worker of another version may not have. Raises TooLarge,
+    InvalidJSON or InvalidInput."""
+    check_size(payload, "result", limits.result, "result")
+    return parse_json(payload, "result", limits.depth)
 
 
 # -- tracking keys ---------------------------------------------------------------------
@@ -299,12 +315,12 @@ def check_key(key: object, max_length: int = Limits.key, field: str = "key") -> 
 # -- text from outside -----------------------------------------------------------------
 
 
-def clean_text(text: str, limit: int, keep: str = "head") -> str:
+def clean_text(text: str, limit: int | None = None, keep: str = "head") -> str:
     """Text that can be stored: lone surrogates written as ``\\udXXX``, at most ``limit``
     characters (the head or the tail kept, with a mark where it was cut)."""
     if not text.isascii():
         text = text.encode("utf-8", "backslashreplace").decode("utf-8")
-    if len(text) <= limit:
+    if limit is None or len(text) <= limit:
         return text
     if keep == "tail":
         return "…" + text[-(limit - 1) :]

@@ -28,16 +28,26 @@ from bach.commands.runner import CommandRunner, apply_service_reports
 from bach.commands.state import PLAN_ID as COMMAND_PLAN
 from bach.core import machine
 from bach.core.effects import Dispatch, Effect, Withdraw
+from bach.core.limits import (
+    DEFAULTS,
+    Limits,
+    check_key,
+    encode_json,
+    option,
+    read_result,
+)
 from bach.core.machine import Request
 from bach.core.rubric import Plan, compile_todo
 from bach.core.score import Score
-from bach.errors import InvalidInput, MappingError, NotFound
+from bach.errors import BachError, InvalidInput, MappingError, NotFound, UnreadableRecord
 from bach.runtime.codec import Plans, to_jobs, to_record
 
 log = logging.getLogger("bach.engine")
 
 #: Reports applied in one step at most.
 BATCH = 256
+#: Tasks in a request beyond which its submission is worked out off the event loop.
+LARGE = 200
 #: Weight of the newest job in a service's service-time EWMA.
 SERVICE_TIME_WEIGHT = 0.1
 
@@ -50,7 +60,8 @@ class Submission:
     rubric: str | None = None
     client: str | None = None
     todo: Sequence[str] | None = None
-    key: str | None = None
+    #: A tracking key (an integer is read as its digits).
+    key: str | int | None = None
 
 
 T = TypeVar("T")
@@ -64,10 +75,42 @@ def _named(known: Mapping[str, T], field: str, name: str) -> T:
     return known[name]
 
 
-def event_of(report: Report) -> machine.Event:
-    if report.ok:
-        return machine.JobDone(report.task, report.attempt, json.loads(report.payload))
-    return machine.JobFailed(report.task, report.attempt, report.payload, report.retryable)
+def event_of(report: Report, limits: Limits = DEFAULTS) -> machine.Event:
+    """The machine's event for a worker's report. A result that is not JSON Bach can keep
+    (NaN, too deep, too large: a worker of another version may send one) fails the job
+    for good, with the reason."""
+    if not report.ok:
+        return machine.JobFailed(report.task, report.attempt, report.payload, report.retryable)
+    try:
+        value = read_result(report.payload, limits)
+    except BachError as exc:
+        return machine.JobFailed(
+            report.task, report.attempt, f"{exc.field}: {exc.reason}", retryable=False
+        )
+    return machine.JobDone(report.task, report.attempt, value)
+
+
+@dataclass(frozen=True)
+class Unreadable:
+    """A stored record that cannot be turned back into a request, and why."""
+
+    record: RequestRecord
+    reason: str
+
+
+def _read_all(
+    records: Sequence[RequestRecord], plans: Mapping[str, Plan | str]
+) -> list[Request | Unreadable]:
+    found: list[Request | Unreadable] = []
+    for record in records:
+        plan = plans[record.plan_id]
+        try:
+            if isinstance(plan, str):
+                raise LookupError(plan)
+            found.append(Request.from_dict(json.loads(record.body), plan))
+        except Exception as exc:  # a record this version cannot read
+            found.append(Unreadable(record, f"{type(exc).__name__}: {exc}"[:500]))
+    return found
 
 
 class Engine:
@@ -77,8 +120,11 @@ class Engine:
         score: Score,
         clock: Callable[[], float] = time.time,
         retain: float | None = None,
+        limits: Limits = DEFAULTS,
     ) -> None:
         self.backend = backend
+        #: What a request may hold (bach serve's --max-* options).
+        self.limits = limits
         self.retain = retain
         #: Runs durable commands, when the system has any.
         self.commands: CommandRunner | None = None
@@ -104,6 +150,12 @@ class Engine:
                 + (f" (got {', '.join(given)})" if given else ""),
             )
         if sub.todo is not None:
+            if len(sub.todo) > self.limits.tasks:
+                raise InvalidInput(
+                    "todo",
+                    f"{len(sub.todo)} tasks; at most {self.limits.tasks} are allowed in one "
+                    f"request ({option('tasks')})",
+                )
             return compile_todo(list(sub.todo), self.score.services), None
         if sub.client is not None:
             client = _named(self.score.clients, "client", sub.client)
@@ -114,14 +166,28 @@ class Engine:
     async def submit(self, sub: Submission) -> tuple[Request, bool]:
         """Accept a request and dispatch its first tasks, durably, in one step. Returns the
         request and whether it is new (False: the key was already used)."""
+        key = None if sub.key is None else check_key(sub.key, self.limits.key)
+        if len(sub.todo or ()) > LARGE:  # compiling thousands of tasks: off the event loop
+            request, plan, dispatches = await asyncio.to_thread(self._accept, sub, key)
+        else:
+            request, plan, dispatches = self._accept(sub, key)
+        self.plans.remember(plan)
+        stored, created = await self.backend.create(
+            to_record(request), plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
+        )
+        if not created:
+            return await self._request(stored), False
+        return request, True
+
+    def _accept(self, sub: Submission, key: str | None) -> tuple[Request, Plan, list[Dispatch]]:
+        """The new request and its first dispatches (pure: nothing is stored yet)."""
+        encode_json(sub.input, "input", self.limits.input, "input", self.limits.depth)
         plan, client = self.plan_for(sub)
-        if sub.key is not None and not sub.key:
-            raise InvalidInput("key", "the tracking key must not be empty")
         rid = str(uuid.uuid4())
         now = self.clock()
         request = Request(
             id=rid,
-            key=sub.key or rid,
+            key=key or rid,
             plan=plan,
             input=sub.input,
             created_at=now,
@@ -132,14 +198,7 @@ class Engine:
         if request.status == machine.Status.FAILED:
             assert request.error is not None
             raise MappingError(f"input (task {request.error['task']})", request.error["message"])
-        self.plans.remember(plan)
-        dispatches = [e for e in effects if isinstance(e, Dispatch)]
-        stored, created = await self.backend.create(
-            to_record(request), plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
-        )
-        if not created:
-            return await self._request(stored), False
-        return request, True
+        return request, plan, [e for e in effects if isinstance(e, Dispatch)]
 
     async def _request(self, record: RequestRecord) -> Request:
         if record.plan_id == COMMAND_PLAN:
@@ -152,7 +211,13 @@ class Engine:
         record = await self.backend.load(ref)
         if record is None:
             raise NotFound("request", f"no request with id or key {ref!r}")
-        return await self._request(record)
+        try:
+            return await self._request(record)
+        except BachError:
+            raise
+        except Exception as exc:
+            reason = f"the stored record of {record.id} cannot be read: {type(exc).__name__}"
+            raise UnreadableRecord("record", f"{reason}: {exc}"[:500]) from exc
 
     async def wait(self, ref: str, timeout: float, current: Request | None = None) -> Request:
         """The request once it has ended, or as it is when the timeout runs out.
@@ -173,9 +238,25 @@ class Engine:
                 request = await self.get(request.id)
         return request
 
-    async def list_requests(self, status: str | None, limit: int) -> list[Request]:
-        records = await self.backend.list_requests(status, limit)
-        return [await self.plans.request(r) for r in records if r.plan_id != COMMAND_PLAN]
+    async def list_requests(
+        self, status: str | None, limit: int, before: float | None = None
+    ) -> tuple[list[Request | Unreadable], float | None]:
+        """Newest first, and where the next page starts (None: this is the last). A record
+        that cannot be read is listed as Unreadable, not an error for the whole page."""
+        records = await self.backend.list_requests(status, limit, before)
+        wanted = [r for r in records if r.plan_id != COMMAND_PLAN]
+        plans: dict[str, Plan | str] = {}
+        for plan_id in {r.plan_id for r in wanted}:
+            try:
+                plans[plan_id] = await self.plans.get(plan_id)
+            except Exception as exc:  # a plan this version cannot read, or none
+                plans[plan_id] = f"{type(exc).__name__}: {exc}"
+        if sum(len(r.body) for r in wanted) > 1024 * 1024:
+            found = await asyncio.to_thread(_read_all, wanted, plans)
+        else:
+            found = _read_all(wanted, plans)
+        more = records[-1].created_at if len(records) == limit else None
+        return found, more
 
     async def cancel(self, ref: str) -> Request:
         for _ in range(100):
@@ -214,14 +295,14 @@ class Engine:
                 steps.append(Transition(rid, 0, None, consumed=consumed))
                 continue
             if record.plan_id == COMMAND_PLAN:  # a command run's call of a service
-                steps.append(apply_service_reports(record, batch, self.score, now))
+                steps.append(apply_service_reports(record, batch, self.score, now, self.limits))
                 continue
             request = await self.plans.request(record)
             tasks = request.plan.by_name
             outcomes[rid] = [(tasks[r.task].service, r) for r in batch if r.task in tasks]
             new, effects = request, []
             for report in batch:
-                new, more = machine.advance(new, event_of(report), now)
+                new, more = machine.advance(new, event_of(report, self.limits), now)
                 effects += more
             steps.append(self._transition(request, new, effects, consumed))
             if new.terminal and not request.terminal:

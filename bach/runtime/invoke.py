@@ -15,17 +15,32 @@ import inspect
 import json
 import os
 import shutil
+from asyncio.subprocess import Process
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from bach.core.limits import (
+    DEFAULTS,
+    Limits,
+    clean_text,
+    dumps,
+    encode_json,
+    option,
+    parse_json,
+    size_text,
+)
 from bach.core.score import Service
 from bach.errors import BachError, ScoreIssue
 from bach.plugins import load_object
 
 #: Characters of a program's stderr kept in an error message.
 STDERR_TAIL = 2000
+#: Characters of a handler's error message kept.
+ERROR_TEXT = 16_000
+#: Bytes read from a program's pipes at a time.
+PIPE_CHUNK = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -41,8 +56,9 @@ class Outcome:
 class Invoker:
     """Runs jobs for one service."""
 
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, limits: Limits = DEFAULTS) -> None:
         self.service = service
+        self.limits = limits
         spec = service.spec
         self._func: Callable[[Any], Any] | None = None
         self._threads = ThreadPoolExecutor(thread_name_prefix=f"bach-{service.name}")
@@ -74,11 +90,14 @@ class Invoker:
         except TimeoutError:
             return Outcome(False, f"timed out after {timeout:g}s", timed_out=True)
         except Exception as exc:
-            return Outcome(False, f"{type(exc).__name__}: {exc}")
+            return Outcome(False, clean_text(f"{type(exc).__name__}: {exc}", ERROR_TEXT))
+        limits = self.limits
         try:
-            return Outcome(True, json.dumps(result, separators=(",", ":"), allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            return Outcome(False, f"result is not JSON-able: {exc}", retryable=False)
+            return Outcome(
+                True, encode_json(result, "result", limits.result, "result", limits.depth)
+            )
+        except BachError as exc:  # no retry makes it storable
+            return Outcome(False, f"{exc.field} {exc.reason}", retryable=False)
 
     async def _run_program(self, payload: str, timeout: float) -> Outcome:
         spec = self.service.spec
@@ -97,23 +116,75 @@ class Invoker:
         except OSError as exc:
             return Outcome(False, f"cannot start {spec.command[0]!r}: {exc.strerror}")
         try:
-            out, err = await asyncio.wait_for(proc.communicate(payload.encode()), timeout)
+            out, err = await asyncio.wait_for(self._exchange(proc, payload.encode()), timeout)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
             return Outcome(False, f"timed out after {timeout:g}s; the program was killed")
-        tail = err.decode(errors="replace")[-STDERR_TAIL:].strip()
+        tail = clean_text(err.decode(errors="replace").strip(), STDERR_TAIL, keep="tail")
+        if out is None:
+            limit = size_text(self.limits.result)
+            return Outcome(
+                False,
+                f"program printed more than {limit}, the most a result may hold "
+                f"({option('result')}); it was killed",
+                retryable=False,
+            )
         if proc.returncode != 0:
             detail = f": {tail}" if tail else " (no stderr)"
             return Outcome(False, f"program exited with status {proc.returncode}{detail}")
         try:
-            result = json.loads(out)
-        except ValueError:
-            shown = out.decode(errors="replace")[:200].strip()
+            result = parse_json(out, "result", self.limits.depth)
+        except BachError as exc:
+            shown = clean_text(out.decode(errors="replace").strip(), 200)
             detail = f"; stderr: {tail}" if tail else ""
-            return Outcome(False, f"program printed something that is not JSON: {shown!r}{detail}")
-        return Outcome(True, json.dumps(result, separators=(",", ":")))
+            return Outcome(
+                False,
+                f"program printed something that is not JSON: {shown!r} ({exc.field}: "
+                f"{exc.reason}){detail}",
+                retryable=False,
+            )
+        return Outcome(True, dumps(result))
+
+    async def _exchange(self, proc: Process, data: bytes) -> tuple[bytes | None, bytes]:
+        """Feed the program its input and read what it prints: stdout up to the result
+        limit (None, and the program killed, beyond it), the tail of stderr."""
+        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+
+        async def feed() -> None:
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                stdin.write(data)
+                await stdin.drain()
+            stdin.close()
+
+        async def tail() -> bytes:
+            kept = bytearray()
+            while chunk := await stderr.read(PIPE_CHUNK):
+                kept += chunk
+                del kept[: -4 * STDERR_TAIL]
+            return bytes(kept)
+
+        feeder = asyncio.create_task(feed())
+        errors = asyncio.create_task(tail())
+        try:
+            chunks: list[bytes] = []
+            size = 0
+            while chunk := await stdout.read(PIPE_CHUNK):
+                size += len(chunk)
+                if size > self.limits.result:
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                    await proc.wait()
+                    return None, await errors
+                chunks.append(chunk)
+            await proc.wait()
+            return b"".join(chunks), await errors
+        finally:
+            for task in (feeder, errors):
+                task.cancel()
+            await asyncio.gather(feeder, errors, return_exceptions=True)
 
 
 def check_service(service: Service) -> ScoreIssue | None:

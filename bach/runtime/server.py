@@ -20,6 +20,7 @@ from bach.api.app import create_app
 from bach.backends import open_backend, store_url
 from bach.backends.port import Stats
 from bach.commands.runner import CommandRunner, Registry
+from bach.core.limits import DEFAULTS, Limits
 from bach.core.score import Score
 from bach.errors import StoreError
 from bach.runtime.boot import stop_on_signals
@@ -45,6 +46,10 @@ class ServeOptions:
     plugins: tuple[str, ...] = ()
     #: Start worker processes by forking a template that has imported Bach.
     fork_server: bool = True
+    #: What clients and services may hand in (bach serve's --max-* options).
+    limits: Limits = DEFAULTS
+    #: Listen beyond loopback without a token (--insecure).
+    insecure: bool = False
 
 
 class _Server(uvicorn.Server):
@@ -57,7 +62,7 @@ class _Server(uvicorn.Server):
 async def serve(score: Score, options: ServeOptions, registry: Registry | None = None) -> None:
     store = store_url(options.store)
     backend = open_backend(store)
-    engine = Engine(backend, score, retain=options.retain)
+    engine = Engine(backend, score, retain=options.retain, limits=options.limits)
     engine.commands = CommandRunner(
         backend,
         score,
@@ -65,6 +70,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
         owner=worker_id("engine"),
         clock=engine.clock,
         is_dead=is_dead_local_worker,
+        limits=options.limits,
     )
     in_process = store.startswith("memory:")
     supervisor = Supervisor(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from bach.backends.port import Backend
+from bach.core.limits import DEFAULTS, Limits
 from bach.core.scaling import Action, Config, Figures, Peers, Policy
 from bach.core.score import Score, Service
 from bach.runtime.engine import HOST, worker_id
@@ -101,8 +102,11 @@ class Supervisor:
         max_total: int | None = None,
         meter: Meter | None = None,
         fork_server: bool = True,
+        limits: Limits = DEFAULTS,
     ) -> None:
         self.score = score
+        #: Limits the workers apply to results (bach serve's --max-result, --max-depth).
+        self.limits = limits
         self.plugins = list(plugins)
         self.backend = backend
         self.store = store

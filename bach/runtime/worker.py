@@ -22,6 +22,7 @@ from collections import deque
 from collections.abc import Callable
 
 from bach.backends.port import Backend, Lease, Report
+from bach.core.limits import DEFAULTS, Limits
 from bach.core.score import Service
 from bach.runtime.engine import worker_id
 from bach.runtime.invoke import Invoker, Outcome
@@ -49,6 +50,7 @@ class Worker:
         lease_ttl: float = 15.0,
         poll: float = 0.5,
         clock: Callable[[], float] = time.time,
+        limits: Limits = DEFAULTS,
     ) -> None:
         self.backend = backend
         self.service = service
@@ -57,7 +59,7 @@ class Worker:
         self.lease_ttl = lease_ttl
         self.poll = poll
         self.clock = clock
-        self.invoke = Invoker(service)
+        self.invoke = Invoker(service, limits)
         self.done = 0
         #: Jobs leased and not yet reported, started or not.
         self._held: dict[str, Lease] = {}
