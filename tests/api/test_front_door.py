@@ -4,6 +4,7 @@ reads back; what it cannot, it refuses at the door with the field and the reason
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -334,3 +335,51 @@ def test_health_answers_while_the_largest_request_is_accepted(tmp_path: Path) ->
         sender.join()
         assert answers[0].status_code == 201, answers[0].text
         assert slowest < 0.1, f"/healthz took {slowest * 1000:.0f} ms"
+
+
+def test_sigterm_is_honoured_while_a_large_request_is_accepted(tmp_path: Path) -> None:
+    with (
+        running_system(SCORES, f"sqlite:///{tmp_path}/bach.db", tmp_path, "--no-workers") as system,
+        httpx.Client(base_url=system.url, timeout=60) as http,
+    ):
+        body = {"todo": ["echo"] * 1000, "input": "z" * (MiB - 100)}
+
+        def send() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the server may stop first
+                http.post("/api/requests", json=body)
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        time.sleep(0.05)
+        asked = time.monotonic()
+        system.process.terminate()
+        system.process.wait(timeout=20)
+        took = time.monotonic() - asked
+        sender.join()
+        assert system.process.returncode == 0
+        assert took < 10, f"bach serve took {took:.1f} s to stop"
+
+
+def test_text_that_is_not_unicode_never_poisons_the_store(
+    shared_store: str, tmp_path: Path
+) -> None:
+    """On SQLite and on Redis (whose scripts decode JSON too): an error message or a
+    result holding a lone surrogate is stored readably or refused, and the system goes on."""
+    with (
+        running_system(SCORES, shared_store, tmp_path) as system,
+        httpx.Client(base_url=system.url, timeout=60) as http,
+    ):
+        failed = wait_for(http, {"todo": ["bad_error"], "input": 1})
+        assert failed["status"] == "FAILED"
+        assert failed["jobs"]["bad_error"]["error"] == "ValueError: cannot read \\udc80 here"
+        refused = wait_for(http, {"todo": ["bad_result"], "input": 1})
+        job = refused["jobs"]["bad_result"]
+        assert refused["status"] == "FAILED" and job["attempts"] == 1, job
+        assert "result[1]" in job["error"] and "lone surrogate" in job["error"], job
+        nan = post(http, '{"todo": ["echo"], "input": [NaN]}')
+        assert nan.status_code == 400 and error_of(nan)["field"] == "input[0]"
+        lone = post(http, '{"todo": ["echo"], "input": "\\ud800"}')
+        assert lone.status_code == 422
+        after = wait_for(http, {"todo": ["echo", "A"], "input": 1})
+        assert after["status"] == "COMPLETE" and after["result"] == 3
+        listing_works(http)
