@@ -48,9 +48,11 @@ class Limits:
     tasks: int = 1000
     #: Levels of nesting of arrays and objects in any value.
     depth: int = 64
+    #: Bytes of one request as stored: its input and every job's input and result.
+    request: int = 16 * MiB
 
     def __post_init__(self) -> None:
-        for name in ("body", "input", "result", "key", "tasks", "depth"):
+        for name in ("body", "input", "result", "key", "tasks", "depth", "request"):
             if getattr(self, name) < 1:
                 raise ValueError(f"limit {name} must be at least 1")
         if self.depth > DEPTH_CEILING:
@@ -68,6 +70,7 @@ OPTIONS = {
     "key": "--max-key",
     "tasks": "--max-tasks",
     "depth": "--max-depth",
+    "request": "--max-request",
 }
 
 

@@ -35,11 +35,19 @@ from bach.core.limits import (
     encode_json,
     option,
     read_result,
+    size_text,
 )
 from bach.core.machine import Request
 from bach.core.rubric import Plan, compile_todo
 from bach.core.score import Score
-from bach.errors import BachError, InvalidInput, MappingError, NotFound, UnreadableRecord
+from bach.errors import (
+    BachError,
+    InvalidInput,
+    MappingError,
+    NotFound,
+    TooLarge,
+    UnreadableRecord,
+)
 from bach.runtime.codec import Plans, to_jobs, to_record
 
 log = logging.getLogger("bach.engine")
@@ -88,6 +96,12 @@ def event_of(report: Report, limits: Limits = DEFAULTS) -> machine.Event:
             report.task, report.attempt, f"{exc.field}: {exc.reason}", retryable=False
         )
     return machine.JobDone(report.task, report.attempt, value)
+
+
+def _refused(event: machine.Event, reason: str) -> machine.Event:
+    if isinstance(event, machine.JobDone):
+        return machine.JobFailed(event.task, event.attempt, reason, retryable=False)
+    return event
 
 
 @dataclass(frozen=True)
@@ -172,8 +186,16 @@ class Engine:
         else:
             request, plan, dispatches = self._accept(sub, key)
         self.plans.remember(plan)
+        record = to_record(request)
+        if len(record.body) > self.limits.request:
+            raise TooLarge(
+                "input",
+                f"the request would hold {size_text(len(record.body))} with its first tasks' "
+                f"inputs; at most {size_text(self.limits.request)} is allowed "
+                f"({option('request')})",
+            )
         stored, created = await self.backend.create(
-            to_record(request), plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
+            record, plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
         )
         if not created:
             return await self._request(stored), False
@@ -300,11 +322,18 @@ class Engine:
             request = await self.plans.request(record)
             tasks = request.plan.by_name
             outcomes[rid] = [(tasks[r.task].service, r) for r in batch if r.task in tasks]
-            new, effects = request, []
-            for report in batch:
-                new, more = machine.advance(new, event_of(report, self.limits), now)
-                effects += more
-            steps.append(self._transition(request, new, effects, consumed))
+            events = [event_of(report, self.limits) for report in batch]
+            new, step = self._apply(request, events, now, consumed)
+            if step.record is not None and len(step.record.body) > self.limits.request:
+                # The results would make the request too large to keep: they fail instead.
+                reason = (
+                    f"the request would hold {size_text(len(step.record.body))} of inputs and "
+                    f"results; at most {size_text(self.limits.request)} is allowed "
+                    f"({option('request')})"
+                )
+                events = [_refused(event, reason) for event in events]
+                new, step = self._apply(request, events, now, consumed)
+            steps.append(step)
             if new.terminal and not request.terminal:
                 ended[rid] = replace(new, version=request.version + 1)
         results = await self.backend.commit(steps)
@@ -337,6 +366,19 @@ class Engine:
                         if old is None
                         else old + SERVICE_TIME_WEIGHT * (report.elapsed - old)
                     )
+
+    def _apply(
+        self,
+        request: Request,
+        events: Sequence[machine.Event],
+        now: float,
+        consumed: tuple[str, ...],
+    ) -> tuple[Request, Transition]:
+        new, effects = request, []
+        for event in events:
+            new, more = machine.advance(new, event, now)
+            effects += more
+        return new, self._transition(request, new, effects, consumed)
 
     @staticmethod
     def _transition(

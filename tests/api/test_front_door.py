@@ -383,3 +383,15 @@ def test_text_that_is_not_unicode_never_poisons_the_store(
         after = wait_for(http, {"todo": ["echo", "A"], "input": 1})
         assert after["status"] == "COMPLETE" and after["result"] == 3
         listing_works(http)
+
+
+def test_a_request_that_grows_past_its_limit_fails_with_the_reason(http: httpx.Client) -> None:
+    """Each echo keeps a 1 MiB input and a 1 MiB result: the eighth or so would take the
+    request past 16 MiB, so that job fails and the request stops growing."""
+    done = wait_for(http, {"todo": ["echo"] * 20, "input": "w" * (MiB - 100)})
+    assert done["status"] == "FAILED"
+    failed = [name for name, job in done["jobs"].items() if job["status"] == "FAILED"]
+    assert len(failed) == 1 and 5 <= int(failed[0].rpartition("#")[2]) <= 10, failed
+    error = done["jobs"][failed[0]]["error"]
+    assert "at most 16 MiB" in error and "--max-request" in error, error
+    listing_works(http)
