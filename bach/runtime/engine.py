@@ -56,6 +56,8 @@ log = logging.getLogger("bach.engine")
 BATCH = 256
 #: Tasks in a request beyond which its submission is worked out off the event loop.
 LARGE = 200
+#: Characters of a stored request beyond which a step on it runs off the event loop.
+OFF_LOOP = 256 * 1024
 #: Weight of the newest job in a service's service-time EWMA.
 SERVICE_TIME_WEIGHT = 0.1
 
@@ -98,6 +100,10 @@ def event_of(report: Report, limits: Limits = DEFAULTS) -> machine.Event:
     return machine.JobDone(report.task, report.attempt, value)
 
 
+def _read(record: RequestRecord, plan: Plan) -> Request:
+    return Request.from_dict(json.loads(record.body), plan)
+
+
 def _refused(event: machine.Event, reason: str) -> machine.Event:
     if isinstance(event, machine.JobDone):
         return machine.JobFailed(event.task, event.attempt, reason, retryable=False)
@@ -121,7 +127,7 @@ def _read_all(
         try:
             if isinstance(plan, str):
                 raise LookupError(plan)
-            found.append(Request.from_dict(json.loads(record.body), plan))
+            found.append(_read(record, plan))
         except Exception as exc:  # a record this version cannot read
             found.append(Unreadable(record, f"{type(exc).__name__}: {exc}"[:500]))
     return found
@@ -227,7 +233,10 @@ class Engine:
             raise NotFound(
                 "request", f"{record.id} is a command run: see /api/commands/{record.id}"
             )
-        return await self.plans.request(record)
+        plan = await self.plans.get(record.plan_id)
+        if len(record.body) > OFF_LOOP:
+            return await asyncio.to_thread(_read, record, plan)
+        return _read(record, plan)
 
     async def get(self, ref: str) -> Request:
         record = await self.backend.load(ref)
@@ -319,20 +328,15 @@ class Engine:
             if record.plan_id == COMMAND_PLAN:  # a command run's call of a service
                 steps.append(apply_service_reports(record, batch, self.score, now, self.limits))
                 continue
-            request = await self.plans.request(record)
-            tasks = request.plan.by_name
-            outcomes[rid] = [(tasks[r.task].service, r) for r in batch if r.task in tasks]
-            events = [event_of(report, self.limits) for report in batch]
-            new, step = self._apply(request, events, now, consumed)
-            if step.record is not None and len(step.record.body) > self.limits.request:
-                # The results would make the request too large to keep: they fail instead.
-                reason = (
-                    f"the request would hold {size_text(len(step.record.body))} of inputs and "
-                    f"results; at most {size_text(self.limits.request)} is allowed "
-                    f"({option('request')})"
+            plan = await self.plans.get(record.plan_id)
+            if len(record.body) > OFF_LOOP:  # parsing and writing it takes a while
+                request, new, step = await asyncio.to_thread(
+                    self._advance, record, plan, batch, now, consumed
                 )
-                events = [_refused(event, reason) for event in events]
-                new, step = self._apply(request, events, now, consumed)
+            else:
+                request, new, step = self._advance(record, plan, batch, now, consumed)
+            tasks = plan.by_name
+            outcomes[rid] = [(tasks[r.task].service, r) for r in batch if r.task in tasks]
             steps.append(step)
             if new.terminal and not request.terminal:
                 ended[rid] = replace(new, version=request.version + 1)
@@ -366,6 +370,30 @@ class Engine:
                         if old is None
                         else old + SERVICE_TIME_WEIGHT * (report.elapsed - old)
                     )
+
+    def _advance(
+        self,
+        record: RequestRecord,
+        plan: Plan,
+        batch: Sequence[Report],
+        now: float,
+        consumed: tuple[str, ...],
+    ) -> tuple[Request, Request, Transition]:
+        """A request's reports applied: the request before, after, and the transition to
+        commit (pure work on the record: it may run in a thread)."""
+        request = _read(record, plan)
+        events = [event_of(report, self.limits) for report in batch]
+        new, step = self._apply(request, events, now, consumed)
+        if step.record is not None and len(step.record.body) > self.limits.request:
+            # The results would make the request too large to keep: they fail instead.
+            reason = (
+                f"the request would hold {size_text(len(step.record.body))} of inputs and "
+                f"results; at most {size_text(self.limits.request)} is allowed "
+                f"({option('request')})"
+            )
+            events = [_refused(event, reason) for event in events]
+            new, step = self._apply(request, events, now, consumed)
+        return request, new, step
 
     def _apply(
         self,
