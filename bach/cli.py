@@ -439,8 +439,8 @@ def list_(status: str | None, limit: int, server: str, token: str | None, as_jso
         return
     for r in requests:
         click.echo(
-            f"{r['id']}  {r['status']:<9} {r['rubric']:<24} key={r['key']}"
-            f" result={json.dumps(r['result'])}"
+            f"{r['id']}  {r['status']:<9} {r.get('rubric') or '-':<24} key={r['key']}"
+            f" result={r.get('result_preview') or '-'}"
         )
 
 
