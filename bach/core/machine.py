@@ -8,7 +8,7 @@ identity. That is what makes delivery at-least-once but application exactly-once
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -106,7 +106,7 @@ class Request:
 
     def remaining(self) -> int:
         """How many tasks are still to run (not done, not in flight)."""
-        return bin(self.plan.full & ~(self.done | self.dispatched)).count("1")
+        return (self.plan.full & ~(self.done | self.dispatched)).bit_count()
 
     def to_dict(self) -> dict[str, Any]:
         """The mutable state; the plan is stored beside it, by digest."""
@@ -185,7 +185,8 @@ def advance(request: Request, event: Event, now: float) -> tuple[Request, list[E
     if isinstance(event, Started):
         if request.jobs:
             return request, []
-        return _dispatch_ready(request, now)
+        ready = request.plan.ready(request.done, request.dispatched)
+        return _dispatch(request, dict(request.jobs), ready, now)
     if isinstance(event, Cancelled):
         jobs = {
             name: replace(job, status=JobStatus.CANCELLED) if job.status in _OPEN_JOB else job
@@ -205,26 +206,31 @@ def advance(request: Request, event: Event, now: float) -> tuple[Request, list[E
 
 
 def _job_done(request: Request, job: Job, result: Any, now: float) -> tuple[Request, list[Effect]]:
-    task = request.plan.by_name[job.task]
+    plan = request.plan
+    task = plan.by_name[job.task]
     jobs = dict(request.jobs)
     jobs[job.task] = replace(
         job, status=JobStatus.COMPLETE, result=result, error=None, finished_at=now
     )
+    done = request.done | task.value
+    dispatched = request.dispatched & ~task.value
     request = replace(
         request,
         jobs=jobs,
-        done=request.done | task.value,
-        dispatched=request.dispatched & ~task.value,
+        done=done,
+        dispatched=dispatched,
         status=Status.RUNNING,
         updated_at=now,
     )
-    if request.done == request.plan.full:
+    if done == plan.full:
         try:
             value = _result(request)
         except MappingError as exc:
             return _fail(request, None, f"result: {exc.reason}", now)
         return replace(request, status=Status.COMPLETE, result=value), [Finish(request.id, value)]
-    return _dispatch_ready(request, now)
+    # Everything that was ready is done or dispatched, so only this task's dependents
+    # can have become ready: a step costs what it changes, not the size of the plan.
+    return _dispatch(request, jobs, plan.ready_after(task, done, dispatched), now)
 
 
 def _job_failed(
@@ -276,41 +282,42 @@ def _fail(
     return failed, [Withdraw(request.id), Fail(request.id, message, task)]
 
 
-def _dispatch_ready(request: Request, now: float) -> tuple[Request, list[Effect]]:
-    ready = request.plan.ready(request.done, request.dispatched)
-    jobs = dict(request.jobs)
+def _dispatch(
+    request: Request, jobs: dict[str, Job], ready: list[Task], now: float
+) -> tuple[Request, list[Effect]]:
+    """Queue the ready tasks; ``jobs`` is the new request's own copy, added to here."""
     effects: list[Effect] = []
     dispatched = request.dispatched
     for task in ready:
         try:
             value = task_input(request, task)
         except MappingError as exc:
-            request = replace(request, jobs=jobs)
-            return _fail(request, task.name, f"task {task.name!r}: {exc}", now)
+            return _fail(replace(request, jobs=jobs), task.name, f"task {task.name!r}: {exc}", now)
         jobs[task.name] = Job(task.name, task.service, JobStatus.QUEUED, 1, value, queued_at=now)
         dispatched |= task.value
         effects.append(Dispatch(request.id, task.name, 1, task.service, value, now, task.timeout))
     return replace(request, jobs=jobs, dispatched=dispatched, updated_at=now), effects
 
 
-def context(request: Request, upstream: int) -> dict[str, Any]:
-    """What a mapping sees: the request input, the results of the given tasks (by name
-    and by output key) and the client's params."""
+def context(request: Request, upstream: Iterable[Task]) -> dict[str, Any]:
+    """What a mapping sees: the request input, the results of the given tasks that are
+    done (by name and by output key) and the client's params."""
     tasks: dict[str, Any] = {}
     ctx: dict[str, Any] = {"input": request.input, "tasks": tasks, "params": request.plan.params}
-    for task in request.plan.tasks:
-        if task.value & upstream and task.value & request.done:
-            result = request.jobs[task.name].result
-            tasks[task.name] = result
+    jobs = request.jobs
+    for task in upstream:
+        job = jobs.get(task.name)
+        if job is not None and job.status == JobStatus.COMPLETE:
+            tasks[task.name] = job.result
             if task.output is not None:
-                ctx[task.output] = result
+                ctx[task.output] = job.result
     return ctx
 
 
 def task_input(request: Request, task: Task) -> Any:
     """The input of a task that is ready, from its mapping or the default rule."""
     if task.input is not None:
-        return task.input.render(context(request, task.ancestors), "input")
+        return task.input.render(context(request, request.plan.upstream(task)), "input")
     if not task.after:
         return request.input
     if len(task.after) == 1:
@@ -321,7 +328,7 @@ def task_input(request: Request, task: Task) -> Any:
 def _result(request: Request) -> Any:
     plan = request.plan
     if plan.result is not None:
-        return plan.result.render(context(request, plan.full), "result")
+        return plan.result.render(context(request, plan.tasks), "result")
     sinks = plan.sinks
     if len(sinks) == 1:
         return request.jobs[sinks[0].name].result

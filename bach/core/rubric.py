@@ -3,7 +3,12 @@
 Each task owns one bit (``value``) and carries the mask of the bits it needs first
 (``req_state``). A task is ready when ``done & req_state == req_state`` and its bit is
 neither done nor dispatched. Masks are Python ints, so a rubric may have any number of
-tasks.
+tasks. Bits follow the topological order, so that order is part of what a store holds
+(request bitmasks, plan digests) and must not change.
+
+Compiling and stepping cost time linear in the number of tasks and dependencies: a
+request may hold thousands of tasks, and a step only looks at the dependents of the task
+that completed (``Plan.dependents``).
 
 A compiled rubric is a ``Plan``. Plans are plain data: they serialise to JSON and back
 (``to_dict``/``from_dict``) so a request carries its own plan and any engine can advance
@@ -33,10 +38,10 @@ class Task:
     name: str
     service: str
     after: tuple[str, ...]
+    #: Position in the plan's order; the task's bit is ``1 << index``.
+    index: int
     value: int
     req_state: int
-    #: Bits of every task upstream of this one, direct or not.
-    ancestors: int
     #: The input mapping, or None for the default: the request input for a task with
     #: nothing before it, the one upstream result for a task with one, and a mapping of
     #: task name to result for a task with several.
@@ -60,26 +65,56 @@ class Plan:
     @cached_property
     def full(self) -> int:
         """The state in which every task is done."""
-        mask = 0
-        for task in self.tasks:
-            mask |= task.value
-        return mask
+        return (1 << len(self.tasks)) - 1
 
     @cached_property
     def by_name(self) -> dict[str, Task]:
         return {task.name: task for task in self.tasks}
 
     @cached_property
-    def sinks(self) -> tuple[Task, ...]:
-        needed = 0
+    def dependents(self) -> tuple[tuple[Task, ...], ...]:
+        """By task index: the tasks that come directly after it, in plan order."""
+        found: list[list[Task]] = [[] for _ in self.tasks]
+        by_name = self.by_name
         for task in self.tasks:
-            needed |= task.req_state
-        return tuple(t for t in self.tasks if not t.value & needed)
+            for dep in dict.fromkeys(task.after):
+                found[by_name[dep].index].append(task)
+        return tuple(tuple(tasks) for tasks in found)
+
+    @cached_property
+    def sinks(self) -> tuple[Task, ...]:
+        return tuple(t for t in self.tasks if not self.dependents[t.index])
 
     def ready(self, done: int, dispatched: int) -> list[Task]:
         """Tasks whose requirements are done and which are neither done nor dispatched."""
-        busy = done | dispatched
-        return [t for t in self.tasks if t.req_state & done == t.req_state and not t.value & busy]
+        return _ready(self.tasks, done, done | dispatched)
+
+    def ready_after(self, task: Task, done: int, dispatched: int) -> list[Task]:
+        """``ready`` once ``task`` is done, given that everything that was ready before is
+        done or dispatched: only its dependents can have become ready."""
+        return _ready(self.dependents[task.index], done, done | dispatched)
+
+    def upstream(self, task: Task) -> tuple[Task, ...]:
+        """Every task upstream of this one, direct or not, in plan order. Worked out on
+        first use and kept: only tasks with an input mapping need it."""
+        cache = self._upstream
+        found = cache.get(task.index)
+        if found is None:
+            by_name = self.by_name
+            seen: set[int] = set()
+            stack = [task]
+            while stack:
+                for dep in stack.pop().after:
+                    up = by_name[dep]
+                    if up.index not in seen:
+                        seen.add(up.index)
+                        stack.append(up)
+            found = cache[task.index] = tuple(self.tasks[i] for i in sorted(seen))
+        return found
+
+    @cached_property
+    def _upstream(self) -> dict[int, tuple[Task, ...]]:
+        return {}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -130,6 +165,10 @@ class Plan:
         )
 
 
+def _ready(candidates: Sequence[Task], done: int, busy: int) -> list[Task]:
+    return [t for t in candidates if t.req_state & done == t.req_state and not t.value & busy]
+
+
 @dataclass(frozen=True)
 class _TaskSource:
     name: str
@@ -143,28 +182,24 @@ class _TaskSource:
 def _build(
     name: str, sources: Sequence[_TaskSource], result: Template | None, params: Mapping[str, Any]
 ) -> Plan:
-    order = topological_order({s.name: list(s.after) for s in sources})
+    order = topological_order({s.name: s.after for s in sources})
     by_name = {s.name: s for s in sources}
-    bits = {task: 1 << i for i, task in enumerate(order)}
-    upstream = ancestors({s.name: list(s.after) for s in sources})
+    position = {task: i for i, task in enumerate(order)}
     tasks = []
-    for task_name in order:
+    for i, task_name in enumerate(order):
         s = by_name[task_name]
         req = 0
         for dep in s.after:
-            req |= bits[dep]
-        anc = 0
-        for dep in upstream[task_name]:
-            anc |= bits[dep]
+            req |= 1 << position[dep]
         retries, backoff, max_backoff, timeout = s.policy
         tasks.append(
             Task(
                 task_name,
                 s.service,
                 s.after,
-                bits[task_name],
+                i,
+                1 << i,
                 req,
-                anc,
                 s.input,
                 s.output,
                 retries,
@@ -232,62 +267,69 @@ def compile_todo(todo: Sequence[str], services: Mapping[str, Service]) -> Plan:
 
 
 def find_cycle(graph: Mapping[str, Sequence[str]]) -> list[str]:
-    """A cycle in ``task -> tasks it comes after`` as a path ``[a, b, ..., a]``, or []."""
+    """A cycle in ``task -> tasks it comes after`` as a path ``[a, b, ..., a]``, or [].
+    Depth first in declaration order, without recursion (a chain may be long)."""
     state: dict[str, int] = {}  # 1 visiting, 2 done
-    stack: list[str] = []
-
-    def visit(node: str) -> list[str]:
-        state[node] = 1
-        stack.append(node)
-        for dep in graph.get(node, ()):
-            if state.get(dep) == 1:
-                return [*stack[stack.index(dep) :], dep]
-            if dep not in state and dep in graph:
-                found = visit(dep)
-                if found:
-                    return found
-        stack.pop()
-        state[node] = 2
-        return []
-
-    for node in graph:
-        if node not in state:
-            found = visit(node)
-            if found:
-                return found
+    for root in graph:
+        if root in state:
+            continue
+        state[root] = 1
+        path = [root]
+        pending = [iter(graph[root])]
+        while pending:
+            for dep in pending[-1]:
+                if state.get(dep) == 1:
+                    return [*path[path.index(dep) :], dep]
+                if dep not in state and dep in graph:
+                    state[dep] = 1
+                    path.append(dep)
+                    pending.append(iter(graph[dep]))
+                    break
+            else:
+                state[path.pop()] = 2
+                pending.pop()
     return []
 
 
 def topological_order(graph: Mapping[str, Sequence[str]]) -> list[str]:
     """Tasks ordered so each comes after what it needs, keeping declaration order
-    where the graph allows (Kahn's algorithm, stable)."""
-    remaining = {node: set(deps) for node, deps in graph.items()}
+    where the graph allows: stable layered Kahn. Layer k holds, in declaration order,
+    the tasks whose last requirement is in layer k - 1 (linear, bar sorting each layer)."""
+    declared = {node: i for i, node in enumerate(graph)}
+    waiting: dict[str, int] = {}
+    after: dict[str, list[str]] = {node: [] for node in graph}
+    for node, deps in graph.items():
+        unique = dict.fromkeys(deps)
+        for dep in unique:
+            if dep not in after:  # never satisfied: refused like a cycle
+                raise ValueError("cycle in rubric")
+            after[dep].append(node)
+        waiting[node] = len(unique)
+    layer = [node for node in graph if not waiting[node]]
     order: list[str] = []
-    while remaining:
-        ready = [node for node, deps in remaining.items() if not deps]
-        if not ready:
-            raise ValueError("cycle in rubric")
-        for node in ready:
-            del remaining[node]
-            order.append(node)
-        for deps in remaining.values():
-            deps.difference_update(ready)
+    while layer:
+        order += layer
+        unblocked = []
+        for node in layer:
+            for later in after[node]:
+                waiting[later] -= 1
+                if not waiting[later]:
+                    unblocked.append(later)
+        unblocked.sort(key=declared.__getitem__)
+        layer = unblocked
+    if len(order) != len(graph):
+        raise ValueError("cycle in rubric")
     return order
 
 
 def ancestors(graph: Mapping[str, Sequence[str]]) -> dict[str, set[str]]:
-    """Every task's transitive upstream set (the graph must be acyclic)."""
+    """Every task's transitive upstream set (the graph must be acyclic). Its size is
+    quadratic in a long chain's length: ``Plan.upstream`` is the lazy form."""
     memo: dict[str, set[str]] = {}
-
-    def up(node: str) -> set[str]:
-        if node not in memo:
-            result: set[str] = set()
-            for dep in graph.get(node, ()):
-                result.add(dep)
-                result |= up(dep)
-            memo[node] = result
-        return memo[node]
-
-    for node in graph:
-        up(node)
-    return memo
+    for node in topological_order(graph):
+        found: set[str] = set()
+        for dep in graph[node]:
+            found.add(dep)
+            found |= memo[dep]
+        memo[node] = found
+    return {node: memo[node] for node in graph}
