@@ -1,7 +1,8 @@
 """The ``bach`` command: run a system (serve, worker) and talk to one (submit, get, ...).
 
 Every option can also come from a ``BACH_*`` environment variable, shown in ``--help``.
-Errors are one line on stderr and exit status 2.
+Errors are one line on stderr and an exit status of ``bach.exits`` (0 done, 1 the request
+failed, 2 bad usage or input, 3 the server or store cannot be reached, 4 internal error).
 """
 
 from __future__ import annotations
@@ -10,39 +11,21 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Iterator
-from functools import wraps
-from typing import Any, ClassVar, ParamSpec, TypeVar
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn, ParamSpec, TypeVar
 
 import click
 
+from bach import exits
 from bach.client import Client, ClientError
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def _fail(message: str) -> None:
-    click.echo(f"bach: error: {message}", err=True)
-    sys.exit(2)
-
-
-def _errors_to_exit(func: Callable[P, R]) -> Callable[P, R]:
-    """Known errors become one line and exit status 2."""
-    from bach.errors import BachError
-
-    @wraps(func)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return func(*args, **kwargs)
-        except (BachError, ClientError) as exc:
-            _fail(str(exc))
-            raise AssertionError("unreachable") from None
-
-    return wrapper
 
 
 def _option(*names: str, env: str, **kwargs: Any) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -111,12 +94,61 @@ class Duration(click.ParamType[float]):
             seconds = float(number) * (unit or 1)
         except ValueError:
             self.fail(f"{value!r} is not a duration (like 90s, 15m, 12h or 7d)", param, ctx)
-        if seconds <= 0:
-            self.fail(f"{value!r} must be more than zero", param, ctx)
+        if not seconds > 0 or seconds == float("inf"):  # NaN and inf are not durations
+            self.fail(f"{value!r} must be a finite number more than zero", param, ctx)
         return seconds
 
 
-@click.group()
+class Size(click.ParamType[int]):
+    """Bytes: ``1048576``, ``512k``, ``2m``, ``1MiB``, ``1g`` (k, m, g are powers of 1024)."""
+
+    name = "size"
+    UNITS: ClassVar[dict[str, int]] = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+    _FORM = re.compile(r"(\d+(?:\.\d+)?)\s*([kmg]?)(?:i?b)?", re.IGNORECASE)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            number, unit = float(value), ""
+        else:
+            match = self._FORM.fullmatch(str(value).strip())
+            if match is None:
+                self.fail(f"{value!r} is not a size (like 1048576, 512k, 2m or 1MiB)", param, ctx)
+            number, unit = float(match.group(1)), match.group(2).lower()
+        size = int(number * self.UNITS[unit])
+        if size < 1:
+            self.fail(f"{value!r} must be at least 1 byte", param, ctx)
+        return size
+
+
+def _limit_option(limit: str, kind: str, help: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """A ``--max-*`` option of ``bach serve`` or ``bach worker``; None: Bach's default."""
+    from bach.core.limits import DEFAULTS, DEPTH_CEILING, OPTIONS, size_text
+
+    default = getattr(DEFAULTS, limit)
+    kind_type: click.ParamType[int]
+    if kind == "size":
+        shown, kind_type = size_text(default), Size()
+    else:
+        top = DEPTH_CEILING if limit == "depth" else None
+        shown, kind_type = str(default), click.IntRange(min=1, max=top)
+    env = "BACH_" + OPTIONS[limit][2:].upper().replace("-", "_")
+    return _option(
+        OPTIONS[limit], f"max_{limit}", env=env, default=None, type=kind_type,
+        help=f"{help} (default {shown})",
+    )  # fmt: skip
+
+
+def _limits(**given: int | None) -> Any:
+    """A Limits of the --max-* options given, Bach's defaults for the others."""
+    from bach.core.limits import Limits
+
+    try:
+        return Limits(**{name: value for name, value in given.items() if value is not None})
+    except ValueError as exc:
+        exits.fail(str(exc))
+
+
+@click.group(cls=exits.Main)
 @click.version_option(package_name="bach")
 def main() -> None:
     """Bach: drive requests through pipelines of independent services."""
@@ -128,9 +160,29 @@ def _check(score: Any, check: Callable[[Any], None]) -> None:
     try:
         check(score)
     except ScoreError as exc:
-        for issue in exc.issues:
-            click.echo(f"bach: invalid score: {issue}", err=True)
-        sys.exit(2)
+        _score_issues(exc)
+
+
+def _score_issues(exc: Any) -> NoReturn:
+    for issue in exc.issues:
+        click.echo(f"bach: invalid score: {issue}", err=True)
+    sys.exit(exits.USAGE)
+
+
+def _not_text(files: tuple[str, ...]) -> None:
+    """The score file that is not UTF-8 text, named, with where it stops being text."""
+    for file in files:
+        with contextlib.suppress(OSError):
+            data = Path(file).read_bytes()
+            try:
+                data.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                click.echo(
+                    f"bach: invalid score: {file}: not UTF-8 text (byte {exc.start} is"
+                    f" {data[exc.start]:#04x}); a score is YAML or JSON in UTF-8",
+                    err=True,
+                )
+                sys.exit(exits.USAGE)
 
 
 def _load(scores: tuple[str, ...], check: bool = False) -> Any:
@@ -145,15 +197,22 @@ def _load(scores: tuple[str, ...], check: bool = False) -> Any:
             check_score(score)
         return score
     except ScoreError as exc:
-        for issue in exc.issues:
-            click.echo(f"bach: invalid score: {issue}", err=True)
-        sys.exit(2)
+        _score_issues(exc)
+    except UnicodeDecodeError:  # the loader reads text; a binary or Latin-1 file is not
+        _not_text(scores)
+        raise
 
 
 @main.command()
 @score_option
 @store_option
-@_option("--host", env="BACH_HOST", default="127.0.0.1", show_default=True)
+@_option(
+    "--host",
+    env="BACH_HOST",
+    default="127.0.0.1",
+    show_default=True,
+    help="address to listen on; beyond loopback it needs --token (or --insecure)",
+)
 @_option(
     "--port",
     env="BACH_PORT",
@@ -163,6 +222,13 @@ def _load(scores: tuple[str, ...], check: bool = False) -> Any:
     help="0 picks a free port (printed at start)",
 )
 @token_option
+@_option(
+    "--insecure",
+    env="BACH_INSECURE",
+    is_flag=True,
+    help="listen beyond loopback without a token: anyone who can reach the port can submit,"
+    " cancel and read everything",
+)
 @_option(
     "--no-workers",
     "no_workers",
@@ -200,15 +266,22 @@ def _load(scores: tuple[str, ...], check: bool = False) -> Any:
     help="start workers by forking a process that has Bach imported (milliseconds, not"
     " half a second); off: each worker is a new Python process",
 )
+@_limit_option("body", "size", "bytes of one HTTP request body")
+@_limit_option("input", "size", "bytes of a request's input or a command's request")
+@_limit_option("result", "size", "bytes of one job's result or a command's response")
+@_limit_option("key", "count", "characters of a tracking key")
+@_limit_option("tasks", "count", "tasks in one todo request, commands in one run")
+@_limit_option("depth", "count", "levels of nesting in any JSON value")
+@_limit_option("request", "size", "bytes of a request as stored: its input, jobs and results")
 @plugin_option
 @_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
-@_errors_to_exit
 def serve(
     scores: tuple[str, ...],
     store: str | None,
     host: str,
     port: int,
     token: str | None,
+    insecure: bool,
     no_workers: bool,
     grace: float,
     retain: float | None,
@@ -216,11 +289,14 @@ def serve(
     fork_server: bool,
     plugins: tuple[str, ...],
     log_level: str,
+    **limits: int | None,
 ) -> None:
     """Start the system: engine, HTTP API and one worker process per service."""
     from bach.runtime.boot import check_score, load_plugins, log_plugins, setup_logging
-    from bach.runtime.server import ServeOptions, serve
+    from bach.runtime.server import ServeOptions, check_exposure, listen, serve
 
+    check_exposure(host, token, insecure)  # before anything starts or logs
+    sock = listen(host, port)
     setup_logging(log_level)
     score = _load(scores)
     registry, found = load_plugins(score, plugins)
@@ -237,8 +313,10 @@ def serve(
         max_instances=max_instances,
         plugins=plugins,
         fork_server=fork_server,
+        limits=_limits(**{name[4:]: value for name, value in limits.items()}),
+        insecure=insecure,
     )
-    run_loop(serve(score, options, registry))
+    run_loop(serve(score, options, registry, sock))
 
 
 @main.command()
@@ -262,11 +340,12 @@ def serve(
     type=float,
     help="seconds a job stays leased without a heartbeat before it goes back to its queue",
 )
+@_limit_option("result", "size", "bytes of one job's result")
+@_limit_option("depth", "count", "levels of nesting in a result")
 @plugin_option
 @click.option("--parent-pid", type=int, default=None, hidden=True)
 @click.option("--ready-fd", type=int, default=None, hidden=True)
 @_option("--log-level", env="BACH_LOG_LEVEL", default="INFO", show_default=True)
-@_errors_to_exit
 def worker(
     scores: tuple[str, ...],
     service: str,
@@ -278,11 +357,14 @@ def worker(
     parent_pid: int | None,
     ready_fd: int | None,
     log_level: str,
+    max_result: int | None,
+    max_depth: int | None,
 ) -> None:
     """Serve one service: take its jobs from the store, run them, report back."""
     from bach.runtime.boot import run_worker, setup_logging
 
     setup_logging(log_level)
+    limits = _limits(result=max_result, depth=max_depth)
     score = _load(scores)
     status = run_loop(
         run_worker(
@@ -295,6 +377,7 @@ def worker(
             lease=lease,
             plugins=plugins,
             ready_fd=ready_fd,
+            limits=limits,
         )
     )
     sys.stdout.flush()
@@ -313,15 +396,46 @@ def validate(files: tuple[str, ...]) -> None:
     )
 
 
-def _parse_input(text: str | None) -> Any:
-    if text is None:
+def _parse_input(
+    given: str | None, text: str | None, option: str = "--input", text_option: str = "--input-text"
+) -> Any:
+    """The value of ``--input JSON`` (strict JSON) or ``--input-text TEXT`` (a string);
+    ``-`` reads stdin for either."""
+    from bach.core.limits import DEPTH_CEILING, parse_json
+    from bach.errors import BachError
+
+    if given is not None and text is not None:
+        exits.fail(f"give {option} or {text_option}, not both")
+    if text is not None:
+        return sys.stdin.read() if text == "-" else text
+    if given is None:
         return None
-    if text == "-":
-        text = sys.stdin.read()
+    data: str | bytes = sys.stdin.buffer.read() if given == "-" else given
+    try:  # the server applies its own --max-depth; here only what no server takes
+        return parse_json(data, option, DEPTH_CEILING)
+    except BachError as exc:
+        hint = f" (for a string, use {text_option})" if "not valid JSON" in exc.reason else ""
+        exits.fail(f"{option}: {exc.reason}{hint}")
+
+
+def _key(key: str | None, what: str) -> str | None:
+    """A tracking key (or request id) checked against the key grammar before it is sent."""
+    from bach.core.limits import check_key
+    from bach.errors import BachError
+
+    if key is None:
+        return None
     try:
-        return json.loads(text)
-    except ValueError:
-        return text  # a bare word is a string
+        return check_key(key, max_length=sys.maxsize, field=what)
+    except BachError as exc:
+        exits.fail(str(exc))
+
+
+def _ended(status: str, wait: bool) -> None:
+    """Exit 1 for a request or run that failed or was cancelled, or that had not ended
+    when --wait ran out; 0 otherwise."""
+    if status in ("FAILED", "CANCELLED") or (wait and status != "COMPLETE"):
+        sys.exit(exits.FAILED)
 
 
 def _short(value: Any, width: int = 60) -> str:
@@ -352,8 +466,9 @@ def _show(request: dict[str, Any], as_json: bool) -> None:
 @click.option("--todo", help="services to run in order, comma-separated (A,B)")
 @click.option("--rubric", help="a rubric of the score")
 @click.option("--client", "client_id", help="a client whose setup names the rubric")
+@click.option("--input", "input_json", help="the input, as JSON (- reads stdin)")
 @click.option(
-    "--input", "input_text", help="the input, as JSON (a bare word is a string; - reads stdin)"
+    "--input-text", "input_text", help="the input, a string sent as it is (- reads stdin)"
 )
 @click.option("--key", help="tracking key; the same key twice gives the same request")
 @click.option("--wait", is_flag=True, help="wait for the request to end and print it")
@@ -361,11 +476,11 @@ def _show(request: dict[str, Any], as_json: bool) -> None:
 @server_option
 @token_option
 @json_option
-@_errors_to_exit
 def submit(
     todo: str | None,
     rubric: str | None,
     client_id: str | None,
+    input_json: str | None,
     input_text: str | None,
     key: str | None,
     wait: bool,
@@ -376,18 +491,18 @@ def submit(
 ) -> None:
     """Send a request to a running system."""
     todo_list = [s.strip() for s in todo.split(",") if s.strip()] if todo is not None else None
+    value = _parse_input(input_json, input_text)
     with Client(server, token) as client:
         request = client.submit(
-            _parse_input(input_text),
+            value,
             rubric=rubric,
             client=client_id,
             todo=todo_list,
-            key=key,
+            key=_key(key, "--key"),
             wait=timeout if wait else 0,
         )
     _show(request, as_json)
-    if wait and request["status"] != "COMPLETE":
-        sys.exit(1)
+    _ended(request["status"], wait)
 
 
 def lookup_options(what: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -395,13 +510,12 @@ def lookup_options(what: str) -> Callable[[Callable[..., None]], Callable[..., N
 
     def wrap(func: Callable[..., None]) -> Callable[..., None]:
         decorators: list[Any] = [
-            click.argument("ref"),
+            click.argument("ref", metavar="ID_OR_KEY"),
             click.option("--wait", is_flag=True, help=f"wait for the {what} to end"),
             click.option("--timeout", default=300.0, show_default=True),
             server_option,
             token_option,
             json_option,
-            _errors_to_exit,
         ]
         for decorator in reversed(decorators):
             func = decorator(func)
@@ -416,9 +530,11 @@ def get(
     ref: str, wait: bool, timeout: float, server: str, token: str | None, as_json: bool
 ) -> None:
     """Show a request (by id or tracking key) with the trace of every job."""
+    ref = _key(ref, "ID_OR_KEY") or ref
     with Client(server, token) as client:
         request = client.wait(ref, timeout) if wait else client.get(ref)
     _show(request, as_json)
+    _ended(request["status"], wait)
 
 
 @main.command(name="list")
@@ -429,7 +545,6 @@ def get(
 @server_option
 @token_option
 @json_option
-@_errors_to_exit
 def list_(status: str | None, limit: int, server: str, token: str | None, as_json: bool) -> None:
     """List requests, newest first."""
     with Client(server, token) as client:
@@ -445,13 +560,13 @@ def list_(status: str | None, limit: int, server: str, token: str | None, as_jso
 
 
 @main.command()
-@click.argument("ref")
+@click.argument("ref", metavar="ID_OR_KEY")
 @server_option
 @token_option
 @json_option
-@_errors_to_exit
 def cancel(ref: str, server: str, token: str | None, as_json: bool) -> None:
     """Cancel a request that has not ended."""
+    ref = _key(ref, "ID_OR_KEY") or ref
     with Client(server, token) as client:
         _show(client.cancel(ref), as_json)
 
@@ -509,7 +624,6 @@ def _status_view(figures: dict[str, Any], events: list[dict[str, Any]]) -> Any:
 @server_option
 @token_option
 @json_option
-@_errors_to_exit
 def status(watch: bool, interval: float, server: str, token: str | None, as_json: bool) -> None:
     """Show the system's figures: requests, tasks, each service, scaling decisions."""
     from rich.console import Console, Group
@@ -521,7 +635,7 @@ def status(watch: bool, interval: float, server: str, token: str | None, as_json
             click.echo(json.dumps(client.stats(), indent=2))
             return
         frames = _status_frames(client, interval)
-        first, _ = next(frames)  # the server cannot be reached: exit 2 at once
+        first, _ = next(frames)  # the server cannot be reached: exit 3 at once
         if not watch:
             width = None if sys.stdout.isatty() else 160  # a pipe gets the whole table
             Console(width=width).print(first)
@@ -587,16 +701,19 @@ def command() -> None:
 
 @command.command(name="run")
 @click.argument("name")
-@click.option("--request", "request_text", help="the request, as JSON (a bare word is a string)")
+@click.option("--request", "request_json", help="the request, as JSON (- reads stdin)")
+@click.option(
+    "--request-text", "request_text", help="the request, a string sent as it is (- reads stdin)"
+)
 @click.option("--key", help="tracking key; the same key twice gives the same run")
 @click.option("--wait", is_flag=True, help="wait for the run to end and print its tree")
 @click.option("--timeout", default=300.0, show_default=True, help="longest --wait, seconds")
 @server_option
 @token_option
 @json_option
-@_errors_to_exit
 def command_run(
     name: str,
+    request_json: str | None,
     request_text: str | None,
     key: str | None,
     wait: bool,
@@ -606,13 +723,11 @@ def command_run(
     as_json: bool,
 ) -> None:
     """Start command NAME with a request."""
+    value = _parse_input(request_json, request_text, "--request", "--request-text")
     with Client(server, token) as client:
-        run = client.run_command(
-            name, _parse_input(request_text), key=key, wait=timeout if wait else 0
-        )
+        run = client.run_command(name, value, key=_key(key, "--key"), wait=timeout if wait else 0)
     _show_tree(run, as_json)
-    if wait and run["status"] != "COMPLETE":
-        sys.exit(1)
+    _ended(run["status"], wait)
 
 
 @command.command(name="get")
@@ -621,9 +736,11 @@ def command_get(
     ref: str, wait: bool, timeout: float, server: str, token: str | None, as_json: bool
 ) -> None:
     """Show a command run (by id or key) as its tree of calls."""
+    ref = _key(ref, "ID_OR_KEY") or ref
     with Client(server, token) as client:
         run = client.wait_command(ref, timeout) if wait else client.get_command(ref)
     _show_tree(run, as_json)
+    _ended(run["status"], wait)
 
 
 @main.command()
@@ -652,4 +769,4 @@ def plugins(scores: tuple[str, ...], plugins: tuple[str, ...]) -> None:
     if not found.plugins and not found.broken:
         click.echo("no plugins found")
     if found.broken:
-        sys.exit(2)
+        sys.exit(exits.USAGE)

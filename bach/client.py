@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -15,7 +16,22 @@ ENDED = ("COMPLETE", "FAILED", "CANCELLED")
 
 
 class ClientError(Exception):
-    """The server refused, or could not be reached. The message is one line."""
+    """The server refused, or could not be reached. The message is one line.
+
+    ``status`` is the HTTP status of the refusal (None: no answer), ``kind`` the error
+    type the server named (``InvalidInput``, ``StoreError``, ``InternalError``, ...)."""
+
+    def __init__(self, message: str, status: int | None = None, kind: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+
+
+def segment(ref: str) -> str:
+    """``ref`` as one path segment: ``/`` and every other reserved character quoted, and
+    ``.`` or ``..`` too, which HTTP clients would otherwise resolve as the path's parents."""
+    text = quote(ref, safe="")
+    return text.replace(".", "%2E") if text in (".", "..") else text
 
 
 class Client:
@@ -41,19 +57,31 @@ class Client:
         try:
             response = self._http.request(method, path, timeout=timeout, **kwargs)
         except httpx.TransportError as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
             raise ClientError(
-                f"cannot reach the Bach server at {self.server}: {exc} (is `bach serve` running?)"
+                f"cannot reach the Bach server at {self.server}: {reason}"
+                " (is `bach serve` running?)"
             ) from None
         if response.status_code >= 400:
+            kind = ""
             try:
                 error = response.json()["error"]
+                kind = str(error.get("type", ""))
                 message = (
                     f"{error['field']}: {error['reason']}" if error["field"] else error["reason"]
                 )
-            except (ValueError, KeyError, TypeError):
-                message = f"HTTP {response.status_code}: {response.text[:200]}"
-            raise ClientError(message)
-        return response.json()
+            except (ValueError, KeyError, TypeError, AttributeError):
+                text = " ".join(response.text[:200].split())
+                message = f"HTTP {response.status_code} from {self.server}: {text}"
+            raise ClientError(" ".join(str(message).split()), response.status_code, kind)
+        try:
+            return response.json()
+        except ValueError:
+            raise ClientError(
+                f"{self.server} answered {path} with something that is not JSON"
+                " (is it a Bach server?)",
+                response.status_code,
+            ) from None
 
     def submit(
         self,
@@ -83,12 +111,12 @@ class Client:
         return result
 
     def get(self, ref: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", f"/api/requests/{ref}")
+        result: dict[str, Any] = self._call("GET", f"/api/requests/{segment(ref)}")
         return result
 
     def wait(self, ref: str, timeout: float) -> dict[str, Any]:
         """The request once it has ended (or as it is when the timeout runs out)."""
-        return self._wait(f"/api/requests/{ref}", timeout)
+        return self._wait(f"/api/requests/{segment(ref)}", timeout)
 
     def _wait(self, path: str, timeout: float) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -106,7 +134,7 @@ class Client:
         return result
 
     def cancel(self, ref: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("DELETE", f"/api/requests/{ref}")
+        result: dict[str, Any] = self._call("DELETE", f"/api/requests/{segment(ref)}")
         return result
 
     def run_command(
@@ -129,11 +157,11 @@ class Client:
         return self.wait_command(run["id"], wait) if wait else run
 
     def get_command(self, ref: str) -> dict[str, Any]:
-        result: dict[str, Any] = self._call("GET", f"/api/commands/{ref}")
+        result: dict[str, Any] = self._call("GET", f"/api/commands/{segment(ref)}")
         return result
 
     def wait_command(self, ref: str, timeout: float) -> dict[str, Any]:
-        return self._wait(f"/api/commands/{ref}", timeout)
+        return self._wait(f"/api/commands/{segment(ref)}", timeout)
 
     def scaling_events(self) -> builtins.list[dict[str, Any]]:
         result: builtins.list[dict[str, Any]] = self._call("GET", "/api/events/scaling")["events"]

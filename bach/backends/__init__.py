@@ -20,19 +20,24 @@ def store_url(url: str | None = None) -> str:
 
 
 def redact_url(url: str) -> str:
-    """A store URL fit to show: the password hidden, the query (options) left out.
-    ``redis://app:secret@h:6379/0?x=1`` -> ``redis://app:***@h:6379/0``."""
-    parts = urlsplit(url)
-    netloc = parts.netloc
-    if "@" not in netloc:
-        return url.split("?")[0]
-    if "@" in netloc:
-        user, _, host = netloc.rpartition("@")
-        name, colon, _ = user.partition(":")
-        netloc = f"{name}:***@{host}" if colon else f"{name}@{host}" if name else host
-        if not colon and name and parts.scheme.startswith("redis"):
-            netloc = f"***@{host}"  # redis://secret@host: the only credential is a password
-    return f"{parts.scheme}://{netloc}{parts.path}"
+    """A store URL fit to show: the password hidden, the user kept, the query (options,
+    which may hold secrets too) left out. Pure.
+
+    ``redis://app:secret@h:6379/0?x=1`` -> ``redis://app:***@h:6379/0``; a Redis URL with
+    one credential (``redis://secret@h``) names a password, so that becomes ``***@h``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or rest.startswith("/") or "@" not in rest:  # no credentials to hide
+        return url.split("?", 1)[0].split("#", 1)[0]
+    # The last "@" ends the credentials, even when a password holds "/", "?" or "#".
+    credentials, _, where = rest.rpartition("@")
+    user, colon, _ = credentials.partition(":")
+    if colon:
+        shown = f"{user}:***@"
+    elif scheme.startswith("redis"):
+        shown = "***@"
+    else:
+        shown = f"{user}@" if user else ""
+    return f"{scheme}://{shown}{where.split('?', 1)[0].split('#', 1)[0]}"
 
 
 def open_backend(url: str | None = None) -> Backend:
@@ -52,7 +57,8 @@ def open_backend(url: str | None = None) -> Backend:
 
         return RedisBackend(url)
     raise StoreError(
-        "store", f"unknown store scheme {scheme!r} in {url!r} (expected {', '.join(SCHEMES)})"
+        "url",
+        f"unknown store scheme {scheme!r} in {redact_url(url)!r} (expected {', '.join(SCHEMES)})",
     )
 
 
@@ -63,5 +69,5 @@ def sqlite_path(url: str) -> Path:
     if path.startswith("/"):
         path = path[1:]
     if not path:
-        raise StoreError("store", f"{url!r} names no file (try sqlite:///.bach/bach.db)")
+        raise StoreError("url", f"{url!r} names no file (try sqlite:///.bach/bach.db)")
     return Path(path)

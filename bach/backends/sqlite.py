@@ -144,9 +144,7 @@ class SqliteBackend:
         options = parse_qs(urlsplit(url).query)
         mode = options.get("synchronous", ["full"])[-1].lower()
         if mode not in _SYNC_MODES:
-            raise StoreError(
-                "store", f"synchronous={mode!r} is not one of {', '.join(_SYNC_MODES)}"
-            )
+            raise StoreError("url", f"synchronous={mode!r} is not one of {', '.join(_SYNC_MODES)}")
         self.synchronous = _SYNC_MODES[mode]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)

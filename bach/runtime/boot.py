@@ -19,6 +19,7 @@ from pathlib import Path
 from bach.backends import open_backend, store_url
 from bach.commands import command_name
 from bach.commands.runner import Registry
+from bach.core.limits import DEFAULTS, Limits
 from bach.core.score import Score, Service, ServiceSpec
 from bach.errors import NotFound, ScoreError, StoreError
 from bach.plugins import Found, discover
@@ -109,6 +110,7 @@ async def run_worker(
     lease: float = 15.0,
     plugins: Sequence[str] = (),
     ready_fd: int | None = None,
+    limits: Limits = DEFAULTS,
 ) -> int:
     """Serve one service until SIGTERM. Returns the process exit status.
 
@@ -127,7 +129,7 @@ async def run_worker(
             "store", "a worker process needs a shared store (sqlite or redis), not memory://"
         )
     backend = open_backend(url)
-    worker = Worker(backend, found, concurrency=concurrency, lease_ttl=lease)
+    worker = Worker(backend, found, concurrency=concurrency, lease_ttl=lease, limits=limits)
     stop = asyncio.Event()
     stop_on_signals(stop)
     task = asyncio.create_task(worker.run(parent_pid=parent_pid))

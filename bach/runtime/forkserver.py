@@ -11,7 +11,8 @@ runs in the template.
 
 The template talks to the supervisor over a socket, one JSON object per line:
 
-- supervisor -> server: ``{"spawn": n, "argv": [...]}``
+- supervisor -> server: ``{"spawn": n, "argv": [...], "env": {...}}`` (``env``: variables
+  the worker gets besides the template's own, such as the store, kept out of ``ps``)
 - server -> supervisor: ``{"spawned": n, "pid": p}`` (or ``{"spawned": n, "error": ...}``),
   then ``{"ready": p}`` once that worker can take jobs, and ``{"exited": p, "status": s}``
   (``s`` as ``asyncio.subprocess.Process.returncode``: negative for a signal).
@@ -34,7 +35,7 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 log = logging.getLogger("bach.supervisor")
@@ -105,7 +106,10 @@ class _Template:
             order = json.loads(line)
             try:
                 pid, ready = _fork(
-                    order["argv"], [self.channel, self.wake_r, self.wake_w], self.selector
+                    order["argv"],
+                    [self.channel, self.wake_r, self.wake_w],
+                    self.selector,
+                    order.get("env", {}),
                 )
             except OSError as exc:
                 self.send({"spawned": order["spawn"], "error": str(exc)})
@@ -134,9 +138,13 @@ class _Template:
 
 
 def _fork(
-    argv: Sequence[str], inherited: Sequence[socket.socket], selector: selectors.BaseSelector
+    argv: Sequence[str],
+    inherited: Sequence[socket.socket],
+    selector: selectors.BaseSelector,
+    env: Mapping[str, str],
 ) -> tuple[int, int]:
-    """Fork a worker running ``bach <argv>``; returns its pid and its ready pipe."""
+    """Fork a worker running ``bach <argv>`` with ``env`` added to its environment;
+    returns its pid and its ready pipe."""
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -161,6 +169,7 @@ def _fork(
             os.close(selector.fileno())  # type: ignore[attr-defined]
         os.close(ready_r)
         parent = os.getppid()
+        os.environ.update(env)
         args = [*argv, "--ready-fd", str(ready_w), "--parent-pid", str(parent)]
         from setproctitle import setproctitle
 
@@ -245,8 +254,9 @@ class ForkServer:
         self._reader_task = asyncio.create_task(self._read(reader), name="forkserver")
         log.info("fork server %d started (%.2f s)", self.process.pid, time.monotonic() - started)
 
-    async def spawn(self, argv: Sequence[str]) -> Forked:
-        """A new process running ``bach <argv>`` (plus --ready-fd and --parent-pid)."""
+    async def spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None) -> Forked:
+        """A new process running ``bach <argv>`` (plus --ready-fd and --parent-pid), with
+        ``env`` added to its environment."""
         if not self.alive or self._writer is None:
             raise OSError("the fork server is not running")
         self._count += 1
@@ -254,7 +264,8 @@ class ForkServer:
         future = asyncio.get_running_loop().create_future()
         self._pending[number] = future
         try:
-            self._writer.write(json.dumps({"spawn": number, "argv": list(argv)}).encode() + b"\n")
+            order = {"spawn": number, "argv": list(argv), "env": dict(env or {})}
+            self._writer.write(json.dumps(order).encode() + b"\n")
             await self._writer.drain()
             return await asyncio.wait_for(future, SPAWN_TIMEOUT)
         except TimeoutError:

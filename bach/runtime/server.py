@@ -10,19 +10,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import socket
+import sys
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 
 import uvicorn
 
 from bach.api.app import create_app
-from bach.backends import open_backend, store_url
+from bach.backends import open_backend, redact_url, store_url
 from bach.backends.port import Stats
 from bach.commands.runner import CommandRunner, Registry
 from bach.core.limits import DEFAULTS, Limits
 from bach.core.score import Score
-from bach.errors import StoreError
+from bach.errors import BachError
 from bach.runtime.boot import stop_on_signals
 from bach.runtime.engine import Engine, is_dead_local_worker, worker_id
 from bach.runtime.supervisor import Supervisor
@@ -52,6 +55,57 @@ class ServeOptions:
     insecure: bool = False
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine only: 127.0.0.0/8, ::1 or localhost."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(name)
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+def check_exposure(host: str, token: str | None, insecure: bool) -> str | None:
+    """Refuse to listen beyond loopback without a token, unless told to (``insecure``);
+    then the warning to print. Raises BachError naming the reason and the two ways out."""
+    if token or is_loopback(host):
+        return None
+    if not insecure:
+        raise BachError(
+            "--host",
+            f"{host} is reachable from other machines and no --token (BACH_TOKEN) is set;"
+            " give a token, or --insecure to listen without one",
+        )
+    return (
+        f"bach: warning: listening on {host} without a token (--insecure): anyone who can"
+        " reach the port can submit, cancel and read everything"
+    )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A bound socket for the API, or BachError naming why not (a port in use, a host that
+    is not this machine's), before anything else starts."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise BachError("--host", f"cannot resolve {host!r}: {exc}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        raise BachError("--port", f"cannot listen on {host}:{port}: {reason.lower()}") from None
+    return sock
+
+
 class _Server(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -59,7 +113,29 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def serve(score: Score, options: ServeOptions, registry: Registry | None = None) -> None:
+async def serve(
+    score: Score,
+    options: ServeOptions,
+    registry: Registry | None = None,
+    sock: socket.socket | None = None,
+) -> None:
+    """Run the system until SIGTERM; ``sock``: the API's socket, if already bound."""
+    warning = check_exposure(options.host, options.token, options.insecure)
+    if sock is None:
+        sock = listen(options.host, options.port)
+    try:
+        await _serve(score, options, registry, sock, warning)
+    finally:
+        sock.close()
+
+
+async def _serve(
+    score: Score,
+    options: ServeOptions,
+    registry: Registry | None,
+    sock: socket.socket,
+    warning: str | None,
+) -> None:
     store = store_url(options.store)
     backend = open_backend(store)
     engine = Engine(backend, score, retain=options.retain, limits=options.limits)
@@ -83,6 +159,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
         max_total=options.max_instances,
         meter=engine,
         fork_server=options.fork_server,
+        limits=options.limits,
     )
 
     async def instances(stats: Stats) -> dict[str, object]:
@@ -130,7 +207,7 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
         await supervisor.start()
     tasks = [
         asyncio.create_task(engine.run(), name="engine"),
-        asyncio.create_task(server.serve(), name="api"),
+        asyncio.create_task(server.serve(sockets=[sock]), name="api"),
     ]
     if options.workers:
         tasks.append(asyncio.create_task(supervisor.run(), name="supervisor"))
@@ -139,10 +216,13 @@ async def serve(score: Score, options: ServeOptions, registry: Registry | None =
     if tasks[1].done():
         await _shutdown(server, supervisor, engine, tasks)
         await backend.close()
-        raise StoreError("port", f"cannot listen on {options.host}:{options.port}")
-    host, port = server.servers[0].sockets[0].getsockname()[:2]
+        raise BachError("--port", f"cannot serve on {options.host}:{options.port}")
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     print(
-        f"bach: serving http://{host}:{port} (store {store.split('?')[0]}, "
+        f"bach: serving http://{shown}:{port} (store {redact_url(store)}, "
         f"{len(score.services)} services, {len(score.rubrics)} rubrics)",
         flush=True,
     )

@@ -156,7 +156,11 @@ class Supervisor:
         instance = Instance(service.name, self._new_id(service.name))
         if self.in_process:
             worker = Worker(
-                self.backend, service, ident=instance.ident, concurrency=service.spec.concurrency
+                self.backend,
+                service,
+                ident=instance.ident,
+                concurrency=service.spec.concurrency,
+                limits=self.limits,
             )
             instance.worker = worker
             instance.task = asyncio.create_task(worker.run(), name=instance.ident)
@@ -177,7 +181,7 @@ class Supervisor:
         argv = self._arguments(service)
         if self.forks is not None and self.forks.alive:
             try:
-                child = await self.forks.spawn(argv)
+                child = await self.forks.spawn(argv, self._environment())
                 return child, child.ready
             except OSError as exc:
                 log.warning("fork server could not start a worker (%s); starting one afresh", exc)
@@ -194,6 +198,7 @@ class Supervisor:
                 str(ready_w),
                 pass_fds=[ready_w],
                 start_new_session=True,
+                env={**os.environ, **self._environment()},
             )
         except BaseException:
             os.close(ready_r)
@@ -223,14 +228,20 @@ class Supervisor:
         log.info("%s ready in %.3f s", instance.ident, took)
 
     def _arguments(self, service: str) -> list[str]:
-        cmd = ["worker", "--service", service]
-        cmd += ["--store", self.store, "--grace", str(self.grace)]
+        """A worker's command line. The store is not on it (see ``_environment``)."""
+        cmd = ["worker", "--service", service, "--grace", str(self.grace)]
         cmd += ["--concurrency", str(self.score.services[service].spec.concurrency)]
+        cmd += ["--max-result", str(self.limits.result), "--max-depth", str(self.limits.depth)]
         for file in self.score.files:
             cmd += ["--score", file]
         for plugin in self.plugins:
             cmd += ["--plugin", plugin]
         return cmd
+
+    def _environment(self) -> dict[str, str]:
+        """What a worker gets in its environment: the store, whose URL may hold a password
+        that ``ps`` would show to every user of the machine if it were an argument."""
+        return {"BACH_STORE": self.store}
 
     async def start(self) -> None:
         if self.forks is not None:

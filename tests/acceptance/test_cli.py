@@ -57,7 +57,7 @@ def test_cli_errors_are_one_line_with_exit_status_2(tmp_path: Path) -> None:
             "bach: error: rubric: unknown rubric 'nope' (known: add_then_double)"
         ]
     gone = bach("submit", "--todo", "A", "--server", "http://127.0.0.1:9")
-    assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1
+    assert gone.returncode == 3 and len(gone.stderr.strip().splitlines()) == 1
     assert "cannot reach the Bach server at http://127.0.0.1:9" in gone.stderr
 
 
