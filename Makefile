@@ -29,3 +29,11 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .bach
+
+# `make test` runs the property-based API tests briefly; this runs them long (examples per
+# operation and per store), e.g. `make fuzz FUZZ_EXAMPLES=5000`.
+FUZZ_EXAMPLES ?= 1000
+.PHONY: fuzz
+fuzz: $(STAMP)
+	BACH_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest --timeout 3600 \
+		tests/api/test_schemathesis.py tests/api/test_roundtrip.py

@@ -170,3 +170,10 @@ def read_log(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def error_of(response: Any) -> dict[str, str]:
+    """The API's error shape, ``{"error": {"type", "field", "reason"}}``, and nothing else."""
+    body = response.json()
+    assert set(body) == {"error"}, body
+    return dict(body["error"])

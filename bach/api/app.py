@@ -36,7 +36,6 @@ from bach.api.schemas import (
 from bach.backends import redact_url
 from bach.backends.port import Stats
 from bach.commands.runner import CommandRunner
-from bach.core.limits import Limits
 from bach.core.machine import Request as BachRequest
 from bach.core.scaling import INSTANCE_STATES
 from bach.errors import BachError, Conflict, NotFound
@@ -128,10 +127,6 @@ async def _view(engine: Engine, request: BachRequest, status: int = 200) -> Resp
     return Response(body, status, media_type="application/json")
 
 
-def _limits(engine: Engine) -> Limits:
-    return engine.limits
-
-
 SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"model": RequestView, "description": "The key was used before: that request."},
     201: {"model": RequestView, "description": "A new request."},
@@ -147,7 +142,7 @@ SUBMIT_RESPONSES: dict[int | str, dict[str, Any]] = {
 )
 async def submit(http: Request, engine: EngineDep, wait: Wait = 0) -> Response:
     """Start a request (or, with a key already used, return that request)."""
-    body = await read_model(http, SubmitBody, _limits(engine))
+    body = await read_model(http, SubmitBody, engine.limits)
     request, created = await engine.submit(
         Submission(
             input=body.input, rubric=body.rubric, client=body.client, todo=body.todo, key=body.key
@@ -226,7 +221,7 @@ async def submit_command(http: Request, engine: EngineDep, wait: Wait = 0) -> Re
     """Start a command run (seed 004); answers at once with its CommandState tree, or
     with the first run when the key was used before."""
     runner = _runner(engine)
-    body = await read_model(http, CommandBody, _limits(engine))
+    body = await read_model(http, CommandBody, engine.limits)
     items = [call.model_dump() for call in body.commands]
     run, created = await runner.submit(items, body.key)
     if wait:

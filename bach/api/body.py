@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -68,8 +69,9 @@ async def read_json(request: Request, limits: Limits) -> Any:
     _check_type(request)
     data = await read_body(request, limits.body)
     if len(data) > OFF_LOOP:
-        return await asyncio.to_thread(parse_json, data, "body", limits.depth)
-    return parse_json(data, "body", limits.depth)
+        parse = partial(parse_json, data, "body", limits.depth, fields=True)
+        return await asyncio.to_thread(parse)
+    return parse_json(data, "body", limits.depth, fields=True)
 
 
 def first_error(errors: Sequence[Any]) -> InvalidInput:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-from bach.core.limits import KEY_PATTERN, KEY_RULE, Limits, clean_text, dumps
+from bach.core.limits import KEY_PATTERN, KEY_RULE, MAX_INT_KEY, Limits, clean_text, dumps
 from bach.core.machine import Request
 
 #: Characters of a result shown in a listing.
@@ -27,7 +27,7 @@ Key = Annotated[
         json_schema_extra={
             "anyOf": [
                 {"type": "string", "pattern": f"^{KEY_PATTERN}$", "maxLength": Limits.key},
-                {"type": "integer"},
+                {"type": "integer", "minimum": 0, "maximum": MAX_INT_KEY},
             ]
         },
     ),
@@ -43,7 +43,12 @@ class SubmitBody(BaseModel):
             "examples": [
                 {"input": 5, "todo": ["B", "A"]},
                 {"rubric": "image", "input": {"w": 640}, "key": "o-7"},
-            ]
+            ],
+            # Exactly one of rubric, client and todo, not null (null counts as not given).
+            "oneOf": [
+                {"required": [name], "properties": {name: {"not": {"type": "null"}}}}
+                for name in ("rubric", "client", "todo")
+            ],
         },
     )
 
@@ -57,6 +62,8 @@ class SubmitBody(BaseModel):
     todo: list[StrictStr] | None = Field(
         None,
         description="services to run in this order (at most 1000 by default: --max-tasks)",
+        # Documented here, enforced by the engine (whose limit is configurable).
+        json_schema_extra={"minItems": 1, "maxItems": Limits.tasks},
     )
     key: Key | None = None
 
@@ -270,5 +277,8 @@ class CommandBody(BaseModel):
 
     key: Key | None = None
     commands: list[CommandCall] = Field(
-        min_length=1, description="at most 1000 by default (--max-tasks)"
+        min_length=1,
+        description="at most 1000 by default (--max-tasks); each name (or command, when it "
+        "has no name) at most once",
+        json_schema_extra={"maxItems": Limits.tasks},
     )

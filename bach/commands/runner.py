@@ -33,7 +33,7 @@ from bach.commands import CommandFailed, DuplicateAlias, command_name, is_comman
 from bach.commands.state import PLAN_ID, Node, Run, Status, error_of
 from bach.core.limits import DEFAULTS, Limits, check_key, encode_json, option, read_result
 from bach.core.score import Score
-from bach.errors import BachError, InvalidInput, NotFound
+from bach.errors import BachError, Conflict, InvalidInput, NotFound
 
 log = logging.getLogger("bach.commands")
 
@@ -278,7 +278,7 @@ class CommandRunner:
         stored, created = await self.backend.create(record, PLAN_ID, "{}", [])
         if not created:
             if stored.plan_id != PLAN_ID:
-                raise InvalidInput("key", f"{key!r} is the key of a request, not a command run")
+                raise Conflict("key", f"{key!r} is the key of a request, not a command run")
             return await self.get(stored.id), False
         self._start(_Live(run, 0, now))
         return run, True

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from bach.core.limits import clean_text
+from bach.core.limits import ERROR_TEXT, clean_text
 
 #: ``plan_id`` of the request records that hold command runs.
 PLAN_ID = "command"
@@ -160,10 +160,6 @@ class Run:
                     own.attempts, own.job = other.attempts, other.job
 
         walk(self.root, stored.root)
-
-
-#: Characters of an error message kept in a run's record.
-ERROR_TEXT = 16_000
 
 
 def error_of(exc: BaseException) -> dict[str, str]:

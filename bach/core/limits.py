@@ -121,10 +121,13 @@ def _float(text: str) -> float | _NotJSON:
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def parse_json(data: bytes | str, where: str = "body", depth: int = Limits.depth) -> Any:
+def parse_json(
+    data: bytes | str, where: str = "body", depth: int = Limits.depth, *, fields: bool = False
+) -> Any:
     """Parse JSON text strictly (see the module docstring). Raises InvalidJSON (400) for
     text that is not JSON and InvalidInput (422) for a value Bach cannot keep; both name
-    the place, e.g. ``input.items[3]``."""
+    the place, e.g. ``input.items[3]``. With ``fields``, ``depth`` counts from the values
+    of the top object (a body's ``input``), not from the object."""
     if isinstance(data, bytes):
         try:
             text = data.decode("utf-8")
@@ -157,15 +160,18 @@ def parse_json(data: bytes | str, where: str = "body", depth: int = Limits.depth
         digits = re.search(r"\((\d+) digits\)", str(exc))
         limit = digits.group(1) if digits else "4300"
         raise InvalidInput(where, f"a number has more than {limit} digits") from None
-    check_value(value, where, depth, strings=bool(_SURROGATE_ESCAPE.search(text)))
+    strings = bool(_SURROGATE_ESCAPE.search(text))
+    check_value(value, where, depth, strings=strings, top=-1 if fields else 0)
     return value
 
 
-def check_value(value: Any, where: str, depth: int = Limits.depth, *, strings: bool = True) -> None:
+def check_value(
+    value: Any, where: str, depth: int = Limits.depth, *, strings: bool = True, top: int = 0
+) -> None:
     """Refuse a value nested deeper than ``depth``, holding a string that is not valid
     Unicode (checked when ``strings``), or a float that JSON cannot write. Raises
     InvalidJSON or InvalidInput naming the place."""
-    found = _first_problem(value, depth, strings)
+    found = _first_problem(value, depth, strings, top)
     if found is not None:
         path, reason, error = found
         raise error(_path_text(where, path), reason)
@@ -189,8 +195,8 @@ _UNICODE = "not valid Unicode (it holds a lone surrogate)"
 _WALKED = (dict, list, tuple, str, float, _NotJSON)
 
 
-def _first_problem(value: Any, depth: int, strings: bool) -> _Problem | None:
-    stack: list[tuple[Any, int, _Path]] = [(value, 0, None)]
+def _first_problem(value: Any, depth: int, strings: bool, top: int) -> _Problem | None:
+    stack: list[tuple[Any, int, _Path]] = [(value, top, None)]
     while stack:
         node, level, path = stack.pop()
         if isinstance(node, dict | list | tuple):
@@ -288,14 +294,23 @@ def read_result(payload: str, limits: Limits = DEFAULTS) -> Any:
 KEY_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._~:@+=,-]*"
 KEY_RULE = "letters, digits and - . _ ~ : @ + = , (starting with a letter or digit)"
 _KEY = re.compile(KEY_PATTERN + r"\Z")
+#: The largest integer key (a signed 64-bit integer, what most clients' JSON can hold).
+MAX_INT_KEY = 2**63 - 1
 _KEY_CHAR = re.compile(r"[A-Za-z0-9._~:@+=,-]")
 
 
 def check_key(key: object, max_length: int = Limits.key, field: str = "key") -> str:
-    """A tracking key as text (an integer key is its decimal digits), or InvalidInput."""
+    """A tracking key as text (an integer key is its decimal digits), or InvalidInput.
+    JSON does not tell 7 from 7.0, so a whole float is the integer it writes."""
+    if isinstance(key, float) and key.is_integer():
+        key = int(key)
     if isinstance(key, bool) or not isinstance(key, str | int):
         kind = "a boolean" if isinstance(key, bool) else type(key).__name__
         raise InvalidInput(field, f"a key is a string or an integer, not {kind}")
+    if isinstance(key, int) and not 0 <= key <= MAX_INT_KEY:
+        raise InvalidInput(
+            field, f"an integer key is from 0 to {MAX_INT_KEY}; give a larger one as a string"
+        )
     text = str(key)
     if not text:
         raise InvalidInput(field, "the key must not be empty")
@@ -316,6 +331,9 @@ def check_key(key: object, max_length: int = Limits.key, field: str = "key") -> 
 
 
 # -- text from outside -----------------------------------------------------------------
+
+#: Characters of an error message (a handler's exception, a command's) kept on record.
+ERROR_TEXT = 16_000
 
 
 def clean_text(text: str, limit: int | None = None, keep: str = "head") -> str:

@@ -23,6 +23,7 @@ from typing import Any
 
 from bach.core.limits import (
     DEFAULTS,
+    ERROR_TEXT,
     Limits,
     clean_text,
     dumps,
@@ -37,8 +38,6 @@ from bach.plugins import load_object
 
 #: Characters of a program's stderr kept in an error message.
 STDERR_TAIL = 2000
-#: Characters of a handler's error message kept.
-ERROR_TEXT = 16_000
 #: Bytes read from a program's pipes at a time.
 PIPE_CHUNK = 64 * 1024
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import EXAMPLES, FIXTURES, System, running_system
+from tests.helpers import EXAMPLES, FIXTURES, System, error_of, running_system
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ def system(tmp_path_factory: pytest.TempPathFactory) -> Iterator[System]:
 def http(system: System) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=system.url, timeout=30) as client:
         yield client
-
-
-def error_of(response: httpx.Response) -> dict[str, str]:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    return dict(body["error"])
 
 
 def test_seed_002_example_2_trace(http: httpx.Client) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from bach.backends.port import RequestRecord
 from bach.backends.sqlite import SqliteBackend
-from tests.helpers import EXAMPLES, FIXTURES, System, running_system
+from tests.helpers import EXAMPLES, FIXTURES, System, error_of, running_system
 
 pytestmark = pytest.mark.slow
 
@@ -41,12 +41,6 @@ def system(home: Path) -> Iterator[System]:
 def http(system: System) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=system.url, timeout=60) as client:
         yield client
-
-
-def error_of(response: httpx.Response) -> dict[str, str]:
-    body = response.json()
-    assert set(body) == {"error"}, body
-    return dict(body["error"])
 
 
 def post(http: httpx.Client, text: str | bytes, path: str = "/api/requests") -> httpx.Response:
@@ -203,8 +197,8 @@ def test_nesting_and_unicode_are_checked_and_the_listing_survives(http: httpx.Cl
         http, '{"commands": [{"command": "CommandOne", "request": "\\udfff"}]}', "/api/commands"
     )
     assert run.status_code == 422 and "surrogate" in error_of(run)["reason"]
-    fine = wait_for(http, {"todo": ["echo"], "input": deep(60)})
-    assert fine["status"] == "COMPLETE" and fine["result"] == deep(60)
+    fine = wait_for(http, {"todo": ["echo"], "input": deep(64)})
+    assert fine["status"] == "COMPLETE" and fine["result"] == deep(64)
     listing_works(http)
 
 

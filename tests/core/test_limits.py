@@ -66,6 +66,10 @@ def test_nesting_is_limited() -> None:
         parse_json(deep(65))
     assert "more than 64 levels" in err.value.reason
     assert parse_json(deep(10), depth=10) == [[[[[[[[[[]]]]]]]]]]
+    # A body's fields count from themselves: its input may nest 64 levels too.
+    assert parse_json('{"input": ' + deep(64) + "}", fields=True) is not None
+    with pytest.raises(InvalidInput):
+        parse_json('{"input": ' + deep(65) + "}", fields=True)
     # Deeper than Python's own parser goes: still a 422 with the reason, not a crash.
     with pytest.raises(InvalidInput) as err:
         parse_json(deep(100_000))
@@ -111,9 +115,12 @@ def test_encode_json_refuses_what_cannot_be_stored() -> None:
 def test_keys() -> None:
     assert check_key("order-17.a_b~c:d@e+f=g,h") == "order-17.a_b~c:d@e+f=g,h"
     assert check_key(42) == "42"
+    assert check_key(42.0) == "42"  # JSON's 42.0 is the integer 42
     for bad, words in [
         (False, "not a boolean"),
         (1.5, "not float"),
+        (-1, "from 0 to"),
+        (2**63, "from 0 to"),
         ("", "must not be empty"),
         ("a/b", "'/' at position 1"),
         ("-a", "'-' at position 0"),
