@@ -39,6 +39,7 @@ from bach.commands.runner import CommandRunner
 from bach.core.machine import Request as BachRequest
 from bach.core.scaling import INSTANCE_STATES
 from bach.errors import BachError, Conflict, NotFound
+from bach.runtime.codec import Head
 from bach.runtime.engine import Engine, Submission, Unreadable
 
 log = logging.getLogger("bach.api")
@@ -160,7 +161,7 @@ async def get_request(ref: str, engine: EngineDep, wait: Wait = 0) -> Response:
     return await _view(engine, request)
 
 
-def _summary(item: BachRequest | Unreadable) -> dict[str, Any]:
+def _summary(item: Head | Unreadable) -> dict[str, Any]:
     if isinstance(item, Unreadable):
         r = item.record
         return {

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 from bach.core.limits import KEY_PATTERN, KEY_RULE, MAX_INT_KEY, Limits, clean_text, dumps
 from bach.core.machine import Request
+from bach.runtime.codec import Head
 
 #: Characters of a result shown in a listing.
 PREVIEW = 200
@@ -212,11 +213,9 @@ def clean(value: Any) -> Any:
     return value
 
 
-def summary_of(request: Request) -> dict[str, Any]:
+def summary_of(head: Head) -> dict[str, Any]:
     """A RequestSummary: at most a few KB whatever the request holds."""
-    counts: dict[str, int] = {}
-    for job in request.jobs.values():
-        counts[job.status.value] = counts.get(job.status.value, 0) + 1
+    request = head.request
     error = None
     if request.error:
         error = {
@@ -237,7 +236,7 @@ def summary_of(request: Request) -> dict[str, Any]:
         "rubric": request.plan.name,
         "client": request.client,
         "tasks": len(request.plan.tasks),
-        "jobs": counts,
+        "jobs": dict(head.counts),
         "error": error,
         "result_preview": preview,
         "created_at": request.created_at,

@@ -13,6 +13,8 @@ TERMINAL = ("COMPLETE", "FAILED", "CANCELLED")
 #: Every key and channel, as ``name: (suffix, takes an argument)``.
 LAYOUT: dict[str, tuple[str, bool]] = {
     "req": ("req", True),
+    "parts": ("parts", True),
+    "pver": ("pver", True),
     "keys": ("keys", False),
     "plans": ("plans", False),
     "created": ("created", False),
@@ -162,6 +164,48 @@ end
 
 local REQUEST_FIELDS = {'id', 'key', 'status', 'version', 'plan_id', 'body',
   'created_at', 'updated_at', 'to_run'}
+
+-- a command with a long list of arguments, in slices (Lua's unpack has a limit)
+local function call_slices(command, key, list)
+  for i = 1, #list, 4000 do
+    redis.call(command, key, unpack(list, i, math.min(i + 3999, #list)))
+  end
+end
+
+-- n_parts [name text]...: a request's parts as {fields for HSET, scores for ZADD}
+local function read_parts(version)
+  local fields, scores = {}, {}
+  for _ = 1, tonumber(arg()) do
+    local name, text = arg(), arg()
+    fields[#fields + 1] = name
+    fields[#fields + 1] = text
+    scores[#scores + 1] = version
+    scores[#scores + 1] = name
+  end
+  return {fields, scores}
+end
+
+local function write_parts(rid, parts)
+  if #parts[1] == 0 then return end
+  call_slices('HSET', K.parts(rid), parts[1])
+  call_slices('ZADD', K.pver(rid), parts[2])
+end
+
+-- the parts written after version since (all of them when since < 0), flat
+local function parts_since(rid, since)
+  if tonumber(since) < 0 then return redis.call('HGETALL', K.parts(rid)) end
+  local names = redis.call('ZRANGEBYSCORE', K.pver(rid), '(' .. since, '+inf')
+  local out = {}
+  for i = 1, #names, 4000 do
+    local slice = {unpack(names, i, math.min(i + 3999, #names))}
+    local texts = redis.call('HMGET', K.parts(rid), unpack(slice))
+    for j, name in ipairs(slice) do
+      out[#out + 1] = name
+      out[#out + 1] = texts[j]
+    end
+  end
+  return out
+end
 local TERMINAL = {COMPLETE = true, FAILED = true, CANCELLED = true}
 
 local function write_request(f, old_status)
@@ -193,21 +237,24 @@ local f = {}
 for i = 1, 9 do f[i] = arg() end
 local existing = redis.call('HGET', K.keys, f[2])
 if existing then
-  return {0, redis.call('HMGET', K.req(existing), unpack(REQUEST_FIELDS))}
+  return {0, redis.call('HMGET', K.req(existing), unpack(REQUEST_FIELDS)),
+    parts_since(existing, -1)}
 end
+local parts = read_parts(f[4])
 local plan_id, plan = arg(), arg()
 redis.call('HSETNX', K.plans, plan_id, plan)
 redis.call('HSET', K.keys, f[2], f[1])
 redis.call('ZADD', K.created, f[7], f[1])
 write_request(f, nil)
+write_parts(f[1], parts)
 read_jobs()
 ring_all()
 return {1}
 """
 )
 
-# Per transition: request_id expected_version has_record [9 record fields]
-#   n_jobs [8 fields each] n_consumed [ids] withdraw
+# Per transition: request_id expected_version has_record [9 record fields
+#   n_parts [name text]...] n_jobs [8 fields each] n_consumed [ids] withdraw
 _COMMIT = (
     _LUA_COMMON
     + """
@@ -215,10 +262,11 @@ local count = tonumber(arg())
 local results = {}
 for t = 1, count do
   local rid, expected, has_record = arg(), arg(), arg()
-  local rec = nil
+  local rec, parts = nil, nil
   if has_record == '1' then
     rec = {}
     for i = 1, 9 do rec[i] = arg() end
+    parts = read_parts(rec[4])
   end
   local jobs = {}
   for j = 1, tonumber(arg()) do
@@ -238,7 +286,10 @@ for t = 1, count do
     old_status = cur[2]
   end
   if ok then
-    if rec then write_request(rec, old_status) end
+    if rec then
+      write_request(rec, old_status)
+      write_parts(rid, parts)
+    end
     for _, id in ipairs(consumed) do
       redis.call('HDEL', K.reports, id)
       redis.call('ZREM', K.outbox, id)
@@ -364,7 +415,20 @@ if redis.call('EXISTS', K.req(ref)) == 0 then
   id = redis.call('HGET', K.keys, ref)
   if not id then return nil end
 end
-return redis.call('HMGET', K.req(id), unpack(REQUEST_FIELDS))
+return {redis.call('HMGET', K.req(id), unpack(REQUEST_FIELDS)), parts_since(id, -1)}
+"""
+)
+
+# ARGV: prefix [request_id since]... -> {{request fields}, {name text...}}...
+_LOAD_MANY = (
+    _LUA_COMMON
+    + """
+local out = {}
+for i = 2, #ARGV, 2 do
+  local fields = redis.call('HMGET', K.req(ARGV[i]), unpack(REQUEST_FIELDS))
+  if fields[1] then out[#out + 1] = {fields, parts_since(ARGV[i], ARGV[i + 1])} end
+end
+return out
 """
 )
 
@@ -471,7 +535,7 @@ for _, id in ipairs(ids) do
   if f[2] then redis.call('ZREM', K.status(f[2]), id) end
   redis.call('ZREM', K.created, id)
   redis.call('ZREM', K.ended, id)
-  redis.call('DEL', K.req(id), K.rjobs(id))
+  redis.call('DEL', K.req(id), K.rjobs(id), K.parts(id), K.pver(id))
 end
 return #ids
 """

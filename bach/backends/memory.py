@@ -53,7 +53,10 @@ class _Signal:
 class MemoryBackend:
     def __init__(self, url: str = "memory://") -> None:
         self.url = url
+        #: Headers (``parts`` None), and each request's parts with the version that wrote
+        #: each.
         self._requests: dict[str, RequestRecord] = {}
+        self._parts: dict[str, dict[str, tuple[int, str]]] = {}
         self._keys: dict[str, str] = {}
         self._plans: dict[str, str] = {}
         self._jobs: dict[str, _Slot] = {}
@@ -70,22 +73,33 @@ class MemoryBackend:
     ) -> tuple[RequestRecord, bool]:
         existing = self._keys.get(record.key)
         if existing is not None:
-            return self._requests[existing], False
+            return self._whole(existing), False
         self._plans.setdefault(plan_id, plan)
-        self._requests[record.id] = record
+        self._store(record, {})
         self._keys[record.key] = record.id
         self._to_run += record.to_run
         self._enqueue(jobs)
         return record, True
 
-    async def load(self, ref: str) -> RequestRecord | None:
-        found = self._requests.get(ref)
-        if found is None and ref in self._keys:
-            found = self._requests[self._keys[ref]]
-        return found
+    def _store(self, record: RequestRecord, parts: dict[str, tuple[int, str]]) -> None:
+        for name, text in (record.parts or {}).items():
+            parts[name] = (record.version, text)
+        self._parts[record.id] = parts
+        self._requests[record.id] = replace(record, parts=None)
 
-    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
-        return {i: self._requests[i] for i in ids if i in self._requests}
+    def _whole(self, rid: str, since: int = -1) -> RequestRecord:
+        parts = {name: text for name, (v, text) in self._parts[rid].items() if v > since}
+        return replace(self._requests[rid], parts=parts)
+
+    async def load(self, ref: str) -> RequestRecord | None:
+        rid = ref if ref in self._requests else self._keys.get(ref)
+        return None if rid is None else self._whole(rid)
+
+    async def load_many(
+        self, ids: Sequence[str], since: Mapping[str, int] | None = None
+    ) -> dict[str, RequestRecord]:
+        since = since or {}
+        return {i: self._whole(i, since.get(i, -1)) for i in ids if i in self._requests}
 
     async def list_requests(
         self, status: str | None = None, limit: int = 100, before: float | None = None
@@ -109,7 +123,7 @@ class MemoryBackend:
             current = self._requests.get(t.request_id)
             if current is None or current.version != t.expected_version:
                 return False
-            self._requests[t.request_id] = t.record
+            self._store(t.record, self._parts[t.request_id])
             self._to_run += t.record.to_run - current.to_run
         for job_id in t.consumed:
             self._reports.pop(job_id, None)
@@ -207,7 +221,8 @@ class MemoryBackend:
         self, limit: int
     ) -> tuple[list[Report], dict[str, RequestRecord]]:
         reports = await self.reports(limit)
-        return reports, await self.load_many([r.request_id for r in reports])
+        found = (self._requests.get(r.request_id) for r in reports)
+        return reports, {r.id: r for r in found if r is not None}
 
     async def purge(self, ended_before: float, limit: int = 1000) -> int:
         old = [
@@ -218,6 +233,7 @@ class MemoryBackend:
         for record in old:
             self._to_run -= record.to_run
             del self._requests[record.id]
+            del self._parts[record.id]
             self._keys.pop(record.key, None)
         return len(old)
 

@@ -24,13 +24,19 @@ class RequestRecord:
     status: str
     version: int
     plan_id: str
-    #: JSON of the request's state (``machine.Request.to_dict``).
+    #: JSON of the request's header: its state without the parts (``runtime.codec``).
     body: str
     created_at: float
     updated_at: float
     #: Tasks not yet dispatched while the request is active, 0 once it has ended. The
     #: store keeps the sum over all requests (``Stats.to_run``) as records change.
     to_run: int = 0
+    #: What is stored apart from the body, by name (the input, one part per job), as
+    #: JSON text: a step writes the parts it changed and no other. The store keeps the
+    #: version that last wrote each part, so a reader that has a request at one version
+    #: reads only the parts written since (``load_many``'s ``since``). In a commit: the
+    #: parts that changed. None where parts were not read (listings, reports).
+    parts: Mapping[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,8 @@ class Transition:
 
     request_id: str
     expected_version: int
-    #: The new state (its version is expected_version + 1), or None if unchanged.
+    #: The new header (its version is expected_version + 1) with the parts that changed
+    #: (the others stay as they are), or None if the request is unchanged.
     record: RequestRecord | None
     enqueue: tuple[JobRecord, ...] = ()
     #: Reports this step has applied; they leave the completion channel with it.
@@ -128,15 +135,21 @@ class Backend(Protocol):
         ...
 
     async def load(self, ref: str) -> RequestRecord | None:
-        """A request by id, or else by tracking key."""
+        """A request by id, or else by tracking key, with all its parts."""
         ...
 
-    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]: ...
+    async def load_many(
+        self, ids: Sequence[str], since: Mapping[str, int] | None = None
+    ) -> dict[str, RequestRecord]:
+        """Requests by id, each with the parts written after version ``since[id]`` (all
+        parts for an id not in ``since``), read in one atomic unit with the header."""
+        ...
 
     async def list_requests(
         self, status: str | None = None, limit: int = 100, before: float | None = None
     ) -> list[RequestRecord]:
-        """Newest first, optionally only those with one status or created before a time."""
+        """Newest first, optionally only those with one status or created before a time;
+        headers only (``parts`` is None)."""
         ...
 
     async def plan(self, plan_id: str) -> str | None: ...
@@ -186,8 +199,9 @@ class Backend(Protocol):
     async def reports_with_requests(
         self, limit: int
     ) -> tuple[list[Report], dict[str, RequestRecord]]:
-        """``reports(limit)`` and the requests they belong to (``load_many``), read in one
-        go: the engine's read side in one round trip."""
+        """``reports(limit)`` and the headers of the requests they belong to (``parts`` is
+        None), read in one go: the engine's read side in one round trip when it holds
+        the requests at those versions already."""
         ...
 
     async def requeue_expired(self, now: float) -> int:

@@ -10,8 +10,10 @@ Key layout, for prefix ``p`` (every key name Bach uses is built in ``LAYOUT`` be
 Python and for the Lua scripts alike):
 
 =============================  ======  ================================================
-``p:req:<request id>``         hash    the request record: id, key, status, version,
-                                       plan_id, body, created_at, updated_at
+``p:req:<request id>``         hash    the request's header: id, key, status, version,
+                                       plan_id, body, created_at, updated_at, to_run
+``p:parts:<request id>``       hash    its parts: name (``input``, ``job:<task>``) -> JSON
+``p:pver:<request id>``        zset    part names by the version that last wrote them
 ``p:keys``                     hash    tracking key -> request id
 ``p:plans``                    hash    plan digest -> plan JSON
 ``p:created``                  zset    request ids by created_at (listing, newest first)
@@ -87,6 +89,7 @@ from bach.backends._redis_scripts import (
     _LEASE,
     _LEASED,
     _LOAD,
+    _LOAD_MANY,
     _PURGE,
     _RELEASE,
     _RELEASE_WORKER,
@@ -119,16 +122,32 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def _record(fields: Sequence[Any]) -> RequestRecord:
+def _record(fields: Sequence[Any], parts: Sequence[Any] | None = None) -> RequestRecord:
+    """A record from its header fields and, if read, its parts (flat: name, text, ...)."""
     rid, key, status, version, plan_id, body, created, updated = (_text(f) for f in fields[:8])
     # Records written before to_run was kept have none: they count 0.
     to_run = int(fields[8] or 0) if len(fields) > 8 else 0
+    found = None
+    if parts is not None:
+        texts = [_text(p) for p in parts]
+        found = dict(zip(texts[::2], texts[1::2], strict=True))
     return RequestRecord(
-        rid, key, status, int(version), plan_id, body, float(created), float(updated), to_run
+        rid,
+        key,
+        status,
+        int(version),
+        plan_id,
+        body,
+        float(created),
+        float(updated),
+        to_run,
+        found,
     )
 
 
 def _record_args(record: RequestRecord) -> list[str]:
+    """The header's fields, then its parts: count, name, text, ..."""
+    parts = record.parts or {}
     return [
         record.id,
         record.key,
@@ -139,6 +158,8 @@ def _record_args(record: RequestRecord) -> list[str]:
         repr(record.created_at),
         repr(record.updated_at),
         str(record.to_run),
+        str(len(parts)),
+        *(x for item in parts.items() for x in item),
     ]
 
 
@@ -313,6 +334,7 @@ class RedisBackend:
         self._release_worker = register(_RELEASE_WORKER)
         self._requeue_expired = register(_REQUEUE_EXPIRED)
         self._load = register(_LOAD)
+        self._load_many = register(_LOAD_MANY)
         self._reports = register(_REPORTS)
         self._leased = register(_LEASED)
         self._stats = register(_STATS)
@@ -335,15 +357,21 @@ class RedisBackend:
         )
         if reply[0] == 1:
             return record, True
-        return _record(reply[1]), False
+        return _record(reply[1], reply[2]), False
 
     async def load(self, ref: str) -> RequestRecord | None:
-        fields = await self._run(self._load, ref)
-        return None if fields is None else _record(fields)
+        reply = await self._run(self._load, ref)
+        return None if reply is None else _record(reply[0], reply[1])
 
-    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
-        rows = await self._hmget_requests(ids)
-        return {r.id: r for r in rows}
+    async def load_many(
+        self, ids: Sequence[str], since: Mapping[str, int] | None = None
+    ) -> dict[str, RequestRecord]:
+        if not ids:
+            return {}
+        known = since or {}
+        args = [x for rid in ids for x in (rid, str(known.get(rid, -1)))]
+        rows = await self._run(self._load_many, *args)
+        return {r.id: r for r in (_record(fields, parts) for fields, parts in rows)}
 
     async def _hmget_requests(self, ids: Sequence[str]) -> list[RequestRecord]:
         if not ids:

@@ -52,6 +52,12 @@ CREATE TABLE IF NOT EXISTS requests (
     created_at REAL NOT NULL, updated_at REAL NOT NULL, to_run INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS requests_by_status ON requests(status, created_at);
 CREATE INDEX IF NOT EXISTS requests_by_time ON requests(created_at);
+CREATE TABLE IF NOT EXISTS request_parts (
+    request_id TEXT NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL,
+    body TEXT NOT NULL, UNIQUE (request_id, name));
+CREATE INDEX IF NOT EXISTS parts_by_version ON request_parts(request_id, version);
+CREATE TRIGGER IF NOT EXISTS parts_delete AFTER DELETE ON requests BEGIN
+    DELETE FROM request_parts WHERE request_id = OLD.id; END;
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, request_id TEXT NOT NULL, task TEXT NOT NULL,
     attempt INTEGER NOT NULL, service TEXT NOT NULL, payload TEXT NOT NULL,
@@ -265,7 +271,7 @@ class SqliteBackend:
                 f"SELECT {_REQUEST_COLS} FROM requests WHERE key = ?", (record.key,)
             ).fetchone()
             if row is not None:
-                return _request(row), False
+                return _with_parts(conn, _request(row)), False
             conn.execute("INSERT OR IGNORE INTO plans (id, body) VALUES (?, ?)", (plan_id, plan))
             conn.execute(
                 f"INSERT INTO requests ({_REQUEST_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -281,6 +287,7 @@ class SqliteBackend:
                     record.to_run,
                 ),
             )
+            _write_parts(conn, record)
             _enqueue(conn, jobs, topics)
             return record, True
 
@@ -296,12 +303,22 @@ class SqliteBackend:
                     f"SELECT {_REQUEST_COLS} FROM requests WHERE key = ?", (ref,)
                 ).fetchone()
             )
-            return None if row is None else _request(row)
+            return None if row is None else _with_parts(conn, _request(row))
 
-        return await self._read(op)
+        return await self._read(_snapshot(op))
 
-    async def load_many(self, ids: Sequence[str]) -> dict[str, RequestRecord]:
-        return await self._read(lambda conn: _load_many(conn, ids))
+    async def load_many(
+        self, ids: Sequence[str], since: Mapping[str, int] | None = None
+    ) -> dict[str, RequestRecord]:
+        known = since or {}
+
+        def op(conn: sqlite3.Connection) -> dict[str, RequestRecord]:
+            return {
+                rid: _with_parts(conn, record, known.get(rid, -1))
+                for rid, record in _load_many(conn, ids).items()
+            }
+
+        return await self._read(_snapshot(op))
 
     async def list_requests(
         self, status: str | None = None, limit: int = 100, before: float | None = None
@@ -349,6 +366,7 @@ class SqliteBackend:
                     )
                     if cur.rowcount != 1:
                         return False
+                    _write_parts(conn, r)
                 if t.consumed:
                     conn.executemany(
                         "DELETE FROM reports WHERE job_id = ?", [(i,) for i in t.consumed]
@@ -634,6 +652,38 @@ def _enqueue(conn: sqlite3.Connection, jobs: Sequence[JobRecord], topics: set[st
         if added > 0:
             _add_counts(conn, service, enqueued=added)
         topics.add("jobs:" + service)
+
+
+def _snapshot(fn: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """``fn`` in one read transaction: its queries see one version of the store."""
+
+    def op(conn: sqlite3.Connection) -> T:
+        conn.execute("BEGIN")
+        try:
+            return fn(conn)
+        finally:
+            conn.execute("COMMIT")
+
+    return op
+
+
+def _write_parts(conn: sqlite3.Connection, record: RequestRecord) -> None:
+    if record.parts:
+        conn.executemany(
+            "INSERT INTO request_parts (request_id, name, version, body) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (request_id, name) DO UPDATE SET version = excluded.version,"
+            " body = excluded.body",
+            [(record.id, name, record.version, text) for name, text in record.parts.items()],
+        )
+
+
+def _with_parts(conn: sqlite3.Connection, record: RequestRecord, since: int = -1) -> RequestRecord:
+    """The record with its parts written after version ``since``."""
+    rows = conn.execute(
+        "SELECT name, body FROM request_parts WHERE request_id = ? AND version > ?",
+        (record.id, since),
+    )
+    return replace(record, parts=dict(rows))
 
 
 def _load_many(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, RequestRecord]:

@@ -27,7 +27,7 @@ from bach.backends.port import Backend, Report, RequestRecord, Transition
 from bach.commands.runner import CommandRunner, apply_service_reports
 from bach.commands.state import PLAN_ID as COMMAND_PLAN
 from bach.core import machine
-from bach.core.effects import Dispatch, Effect, Withdraw
+from bach.core.effects import Dispatch, Withdraw
 from bach.core.limits import (
     DEFAULTS,
     Limits,
@@ -48,7 +48,17 @@ from bach.errors import (
     TooLarge,
     UnreadableRecord,
 )
-from bach.runtime.codec import Plans, to_jobs, to_record
+from bach.runtime.codec import (
+    Head,
+    Held,
+    Known,
+    Plans,
+    from_record,
+    head_of,
+    to_change,
+    to_jobs,
+    to_record,
+)
 
 log = logging.getLogger("bach.engine")
 
@@ -56,7 +66,9 @@ log = logging.getLogger("bach.engine")
 BATCH = 256
 #: Tasks in a request beyond which its submission is worked out off the event loop.
 LARGE = 200
-#: Characters of a stored request beyond which a step on it runs off the event loop.
+#: Jobs in a request beyond which a step on it runs off the event loop.
+HELD_JOBS = 5000
+#: Characters to parse beyond which reading a request runs off the event loop.
 OFF_LOOP = 256 * 1024
 #: Weight of the newest job in a service's service-time EWMA.
 SERVICE_TIME_WEIGHT = 0.1
@@ -100,10 +112,6 @@ def event_of(report: Report, limits: Limits = DEFAULTS) -> machine.Event:
     return machine.JobDone(report.task, report.attempt, value)
 
 
-def _read(record: RequestRecord, plan: Plan) -> Request:
-    return Request.from_dict(json.loads(record.body), plan)
-
-
 def _refused(event: machine.Event, reason: str) -> machine.Event:
     if isinstance(event, machine.JobDone):
         return machine.JobFailed(event.task, event.attempt, reason, retryable=False)
@@ -118,19 +126,33 @@ class Unreadable:
     reason: str
 
 
-def _read_all(
+def _heads(
     records: Sequence[RequestRecord], plans: Mapping[str, Plan | str]
-) -> list[Request | Unreadable]:
-    found: list[Request | Unreadable] = []
+) -> list[Head | Unreadable]:
+    found: list[Head | Unreadable] = []
     for record in records:
         plan = plans[record.plan_id]
         try:
             if isinstance(plan, str):
                 raise LookupError(plan)
-            found.append(_read(record, plan))
+            found.append(head_of(record, plan))
         except Exception as exc:  # a record this version cannot read
             found.append(Unreadable(record, f"{type(exc).__name__}: {exc}"[:500]))
     return found
+
+
+def _heavy(request: Request, batch: Sequence[Report]) -> bool:
+    """Whether a step on these reports is worth a thread: it may dispatch hundreds of
+    jobs (each rendered and written), or the request holds thousands (the new state
+    copies and compares them: cheap each, about 30 ns)."""
+    plan = request.plan
+    tasks = (plan.by_name.get(r.task) for r in batch)
+    dispatches = sum(len(plan.dependents[t.index]) for t in tasks if t is not None)
+    return dispatches > LARGE or len(request.jobs) > HELD_JOBS
+
+
+def _to_parse(record: RequestRecord) -> int:
+    return len(record.body) + sum(map(len, (record.parts or {}).values()))
 
 
 class Engine:
@@ -151,6 +173,9 @@ class Engine:
         self.score = score
         self.clock = clock
         self.plans = Plans(backend)
+        #: The requests this engine stepped last, so that their next step reads only
+        #: what changed since.
+        self.held = Held()
         self._waiters: dict[str, list[asyncio.Future[Request]]] = defaultdict(list)
         self._stopping = asyncio.Event()
         self.applied = 0
@@ -192,11 +217,11 @@ class Engine:
         else:
             request, plan, dispatches = self._accept(sub, key)
         self.plans.remember(plan)
-        record = to_record(request)
-        if len(record.body) > self.limits.request:
+        record, known = to_record(request)
+        if known.size > self.limits.request:
             raise TooLarge(
                 "input",
-                f"the request would hold {size_text(len(record.body))} with its first tasks' "
+                f"the request would hold {size_text(known.size)} with its first tasks' "
                 f"inputs; at most {size_text(self.limits.request)} is allowed "
                 f"({option('request')})",
             )
@@ -204,7 +229,8 @@ class Engine:
             record, plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
         )
         if not created:
-            return await self._request(stored), False
+            return (await self._known(stored)).request, False
+        self.held.put(known)
         return request, True
 
     def _accept(self, sub: Submission, key: str | None) -> tuple[Request, Plan, list[Dispatch]]:
@@ -228,27 +254,31 @@ class Engine:
             raise MappingError(f"input (task {request.error['task']})", request.error["message"])
         return request, plan, [e for e in effects if isinstance(e, Dispatch)]
 
-    async def _request(self, record: RequestRecord) -> Request:
+    async def _known(self, record: RequestRecord, base: Known | None = None) -> Known:
+        """The request a record (with its parts) holds."""
         if record.plan_id == COMMAND_PLAN:
             raise NotFound(
                 "request", f"{record.id} is a command run: see /api/commands/{record.id}"
             )
         plan = await self.plans.get(record.plan_id)
-        if len(record.body) > OFF_LOOP:
-            return await asyncio.to_thread(_read, record, plan)
-        return _read(record, plan)
+        if _to_parse(record) > OFF_LOOP:
+            return await asyncio.to_thread(from_record, record, plan, base)
+        return from_record(record, plan, base)
 
-    async def get(self, ref: str) -> Request:
+    async def _load(self, ref: str) -> Known:
         record = await self.backend.load(ref)
         if record is None:
             raise NotFound("request", f"no request with id or key {ref!r}")
         try:
-            return await self._request(record)
+            return await self._known(record)
         except BachError:
             raise
         except Exception as exc:
             reason = f"the stored record of {record.id} cannot be read: {type(exc).__name__}"
             raise UnreadableRecord("record", f"{reason}: {exc}"[:500]) from exc
+
+    async def get(self, ref: str) -> Request:
+        return (await self._load(ref)).request
 
     async def wait(self, ref: str, timeout: float, current: Request | None = None) -> Request:
         """The request once it has ended, or as it is when the timeout runs out.
@@ -271,9 +301,10 @@ class Engine:
 
     async def list_requests(
         self, status: str | None, limit: int, before: float | None = None
-    ) -> tuple[list[Request | Unreadable], float | None]:
-        """Newest first, and where the next page starts (None: this is the last). A record
-        that cannot be read is listed as Unreadable, not an error for the whole page."""
+    ) -> tuple[list[Head | Unreadable], float | None]:
+        """Newest first (headers: no input, no jobs), and where the next page starts
+        (None: this is the last). A record that cannot be read is listed as Unreadable,
+        not an error for the whole page."""
         records = await self.backend.list_requests(status, limit, before)
         wanted = [r for r in records if r.plan_id != COMMAND_PLAN]
         plans: dict[str, Plan | str] = {}
@@ -282,25 +313,25 @@ class Engine:
                 plans[plan_id] = await self.plans.get(plan_id)
             except Exception as exc:  # a plan this version cannot read, or none
                 plans[plan_id] = f"{type(exc).__name__}: {exc}"
-        if sum(len(r.body) for r in wanted) > 1024 * 1024:
-            found = await asyncio.to_thread(_read_all, wanted, plans)
+        if sum(len(r.body) for r in wanted) > OFF_LOOP:
+            found = await asyncio.to_thread(_heads, wanted, plans)
         else:
-            found = _read_all(wanted, plans)
+            found = _heads(wanted, plans)
         more = records[-1].created_at if len(records) == limit else None
         return found, more
 
     async def cancel(self, ref: str) -> Request:
         for _ in range(100):
-            record = await self.backend.load(ref)
-            if record is None:
-                raise NotFound("request", f"no request with id or key {ref!r}")
-            request = await self._request(record)
+            known = await self._load(ref)
+            request = known.request
             new, _ = machine.advance(request, machine.Cancelled(), self.clock())
             if new is request:
                 return request
             new = replace(new, version=request.version + 1)
-            step = Transition(request.id, request.version, to_record(new), withdraw=True)
+            record, _ = to_change(known, new)
+            step = Transition(request.id, request.version, record, withdraw=True)
             if (await self.backend.commit([step]))[0]:
+                self.held.drop(request.id)
                 self._wake(new)
                 return new
         raise RuntimeError(f"request {ref} kept changing while being cancelled")
@@ -315,42 +346,85 @@ class Engine:
         grouped: dict[str, list[Report]] = defaultdict(list)
         for report in reports:
             grouped[report.request_id].append(report)
+        known, moved = await self._current(records)
+        for rid in moved:  # changed since its reports were read: read them again
+            del grouped[rid]
         now = self.clock()
         steps: list[Transition] = []
         ended: dict[str, Request] = {}
+        after: dict[str, Known] = {}
         outcomes: dict[str, list[tuple[str, Report]]] = {}
         for rid, batch in grouped.items():
             consumed = tuple(r.job_id for r in batch)
             record = records.get(rid)
-            if record is None:  # a report for a request that is gone: drop it
-                steps.append(Transition(rid, 0, None, consumed=consumed))
-                continue
-            if record.plan_id == COMMAND_PLAN:  # a command run's call of a service
+            if record is not None and record.plan_id == COMMAND_PLAN:  # a command's call
                 steps.append(apply_service_reports(record, batch, self.score, now, self.limits))
                 continue
-            plan = await self.plans.get(record.plan_id)
-            if len(record.body) > OFF_LOOP:  # parsing and writing it takes a while
-                request, new, step = await asyncio.to_thread(
-                    self._advance, record, plan, batch, now, consumed
+            base = known.get(rid)
+            if base is None:  # a report for a request that is gone: drop it
+                steps.append(Transition(rid, 0, None, consumed=consumed))
+                continue
+            plan = base.request.plan
+            if _heavy(base.request, batch):
+                new, step, changed = await asyncio.to_thread(
+                    self._advance, base, batch, now, consumed
                 )
             else:
-                request, new, step = self._advance(record, plan, batch, now, consumed)
+                new, step, changed = self._advance(base, batch, now, consumed)
             tasks = plan.by_name
             outcomes[rid] = [(tasks[r.task].service, r) for r in batch if r.task in tasks]
             steps.append(step)
-            if new.terminal and not request.terminal:
-                ended[rid] = replace(new, version=request.version + 1)
+            if changed is not None:
+                after[rid] = changed
+            if new.terminal and not base.request.terminal:
+                ended[rid] = new
         results = await self.backend.commit(steps)
-        for rid, ok in zip(grouped, results, strict=True):
-            if ok and rid in ended:
-                self._wake(ended[rid])
-            elif ok and self.commands is not None:
-                self.commands.notify(rid)
-        self.applied += sum(
-            len(grouped[rid]) for rid, ok in zip(grouped, results, strict=True) if ok
-        )
+        for (rid, batch), ok in zip(grouped.items(), results, strict=True):
+            if ok:
+                self._committed(rid, after.get(rid), ended.get(rid))
+                self.applied += len(batch)
         self._measure(steps, results, outcomes)
         return len(reports)
+
+    def _committed(self, rid: str, after: Known | None, ended: Request | None) -> None:
+        if after is not None:
+            self.held.put(after)
+        if ended is not None:
+            self._wake(ended)
+        elif self.commands is not None:
+            self.commands.notify(rid)
+
+    async def _current(
+        self, heads: Mapping[str, RequestRecord]
+    ) -> tuple[dict[str, Known], set[str]]:
+        """The requests these headers belong to: as this engine holds them when it wrote
+        the version the store has, else read with the parts written since it did. Also
+        the requests another engine moved on between the two reads: their reports may be
+        applied already, so they wait for the next step (applying them to the newer
+        version would change nothing, but count them twice)."""
+        found: dict[str, Known] = {}
+        moved: set[str] = set()
+        missing: list[str] = []
+        since: dict[str, int] = {}
+        for rid, head in heads.items():
+            if head.plan_id == COMMAND_PLAN:
+                continue
+            held = self.held.get(rid)
+            if held is not None and held.request.version == head.version:
+                found[rid] = held
+                continue
+            missing.append(rid)
+            if held is not None and not held.whole:
+                since[rid] = held.request.version
+        if missing:
+            for rid, record in (await self.backend.load_many(missing, since)).items():
+                known = await self._known(record, self.held.get(rid) if rid in since else None)
+                if record.version == heads[rid].version:
+                    found[rid] = known
+                else:
+                    moved.add(rid)
+                    self.held.put(known)  # so the next step needs only the header
+        return found, moved
 
     def _measure(
         self,
@@ -373,57 +447,51 @@ class Engine:
 
     def _advance(
         self,
-        record: RequestRecord,
-        plan: Plan,
+        base: Known,
         batch: Sequence[Report],
         now: float,
         consumed: tuple[str, ...],
-    ) -> tuple[Request, Request, Transition]:
-        """A request's reports applied: the request before, after, and the transition to
-        commit (pure work on the record: it may run in a thread)."""
-        request = _read(record, plan)
+    ) -> tuple[Request, Transition, Known | None]:
+        """A request's reports applied: the request after, the transition to commit and
+        the request as the store will hold it (pure work: it may run in a thread)."""
         events = [event_of(report, self.limits) for report in batch]
-        new, step = self._apply(request, events, now, consumed)
-        if step.record is not None and len(step.record.body) > self.limits.request:
+        new, step, after = self._apply(base, events, now, consumed)
+        if after is not None and after.size > self.limits.request:
             # The results would make the request too large to keep: they fail instead.
             reason = (
-                f"the request would hold {size_text(len(step.record.body))} of inputs and "
+                f"the request would hold {size_text(after.size)} of inputs and "
                 f"results; at most {size_text(self.limits.request)} is allowed "
                 f"({option('request')})"
             )
             events = [_refused(event, reason) for event in events]
-            new, step = self._apply(request, events, now, consumed)
-        return request, new, step
+            new, step, after = self._apply(base, events, now, consumed)
+        return new, step, after
 
+    @staticmethod
     def _apply(
-        self,
-        request: Request,
+        base: Known,
         events: Sequence[machine.Event],
         now: float,
         consumed: tuple[str, ...],
-    ) -> tuple[Request, Transition]:
-        new, effects = request, []
+    ) -> tuple[Request, Transition, Known | None]:
+        old = base.request
+        new, effects = old, []
         for event in events:
             new, more = machine.advance(new, event, now)
             effects += more
-        return new, self._transition(request, new, effects, consumed)
-
-    @staticmethod
-    def _transition(
-        old: Request, new: Request, effects: list[Effect], consumed: tuple[str, ...]
-    ) -> Transition:
         if new is old:
-            return Transition(old.id, old.version, None, consumed=consumed)
+            return old, Transition(old.id, old.version, None, consumed=consumed), None
         new = replace(new, version=old.version + 1)
-        dispatches = [e for e in effects if isinstance(e, Dispatch)]
-        return Transition(
+        record, after = to_change(base, new)
+        step = Transition(
             old.id,
             old.version,
-            to_record(new),
-            to_jobs(dispatches),
+            record,
+            to_jobs([e for e in effects if isinstance(e, Dispatch)]),
             consumed,
             withdraw=any(isinstance(e, Withdraw) for e in effects),
         )
+        return new, step, after
 
     def _wake(self, request: Request) -> None:
         for future in self._waiters.pop(request.id, []):

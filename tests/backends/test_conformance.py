@@ -20,9 +20,19 @@ def record(
     version: int = 0,
     created: float = NOW,
     to_run: int = 0,
+    parts: dict[str, str] | None = None,
 ) -> RequestRecord:
     return RequestRecord(
-        rid, key or rid, status, version, "plan1", f'{{"v": {version}}}', created, created, to_run
+        rid,
+        key or rid,
+        status,
+        version,
+        "plan1",
+        f'{{"v": {version}}}',
+        created,
+        created,
+        to_run,
+        {"input": "1"} if parts is None else parts,
     )
 
 
@@ -168,6 +178,56 @@ async def test_commits_in_one_call_are_independent(backend: Backend) -> None:
     assert results == [False, True]
     r2 = await backend.load("r2")
     assert r2 is not None and r2.status == "COMPLETE"
+
+
+async def test_a_commit_writes_only_the_parts_it_carries(backend: Backend) -> None:
+    # 9,000 parts: more than one slice of a Lua call's arguments
+    parts = {"input": '{"big": 1}', **{f"job:t{i}": f'{{"n": {i}}}' for i in range(9000)}}
+    await backend.create(record("r1", parts=parts), "plan1", "{}", [])
+    step = record("r1", status="RUNNING", version=1, parts={"job:t5": '{"n": "five"}'})
+    assert await backend.commit([Transition("r1", 0, step)]) == [True]
+    step = record("r1", status="RUNNING", version=2, parts={"job:new": "[]"})
+    assert await backend.commit([Transition("r1", 1, step)]) == [True]
+    loaded = await backend.load("r1")
+    assert loaded is not None and loaded.version == 2 and loaded.body == '{"v": 2}'
+    assert loaded.parts == {**parts, "job:t5": '{"n": "five"}', "job:new": "[]"}
+
+
+async def test_a_reader_at_one_version_reads_only_the_parts_written_since(
+    backend: Backend,
+) -> None:
+    await backend.create(
+        record("r1", parts={"input": "1", "job:a": "1", "job:b": "1"}), "plan1", "{}", []
+    )
+    await backend.create(record("r2", parts={"input": "2"}), "plan1", "{}", [])
+    for version, part in ((1, "job:a"), (2, "job:b"), (3, "job:a")):
+        step = record("r1", status="RUNNING", version=version, parts={part: str(version)})
+        assert await backend.commit([Transition("r1", version - 1, step)]) == [True]
+    found = await backend.load_many(["r1", "r2", "gone"], since={"r1": 1})
+    assert set(found) == {"r1", "r2"}
+    assert found["r1"].version == 3 and found["r1"].parts == {"job:a": "3", "job:b": "2"}
+    assert found["r2"].parts == {"input": "2"}  # not in since: every part
+    current = await backend.load_many(["r1"], since={"r1": 3})
+    assert current["r1"].parts == {} and current["r1"].body == '{"v": 3}'
+
+
+async def test_listings_and_the_report_channel_carry_headers_only(backend: Backend) -> None:
+    a = job("r1", "a")
+    await backend.create(record("r1", parts={"input": "[1]", "job:a": "{}"}), "plan1", "{}", [a])
+    await backend.report([report(a)])
+    _, requests = await backend.reports_with_requests(10)
+    assert requests["r1"].parts is None and requests["r1"].body == '{"v": 0}'
+    [listed] = await backend.list_requests()
+    assert listed.parts is None and listed.id == "r1"
+
+
+async def test_purge_forgets_a_request_with_its_parts(backend: Backend) -> None:
+    await backend.create(record("r1", parts={"input": "1", "job:a": "2"}), "plan1", "{}", [])
+    done = record("r1", status="COMPLETE", version=1, parts={"job:a": "3"})
+    await backend.commit([Transition("r1", 0, done)])
+    assert await backend.purge(NOW + 1) == 1
+    assert await backend.load("r1") is None
+    assert await backend.load_many(["r1"]) == {}
 
 
 async def test_withdraw_removes_queued_jobs_but_not_leased_ones(backend: Backend) -> None:

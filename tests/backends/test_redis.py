@@ -136,3 +136,20 @@ async def test_first_waits_on_several_bells_at_once_all_get_their_rings(
 def test_a_report_written_before_job_durations_still_reads() -> None:
     old = '["r1/a/1", "r1", "a", 1, true, "7", "w1", 5.0, true]'
     assert _report(old) == Report("r1/a/1", "r1", "a", 1, True, "7", "w1", 5.0, True, 0.0)
+
+
+async def test_purge_leaves_no_key_of_the_request_behind(redis_prefix: str) -> None:
+    store = open_backend(redis_store(redis_prefix))
+    try:
+        parts = {"input": "1", "job:a": "2"}
+        await store.create(record("r1", parts=parts), "plan1", "{}", [job("r1", "a")])
+        await store.report([report(job("r1", "a"))])
+        done = record("r1", status="COMPLETE", version=1, parts={"job:a": "3"})
+        await store.commit([Transition("r1", 0, done, consumed=(job("r1", "a").id,))])
+        assert await store.purge(NOW + 1) == 1
+        client = redis.Redis.from_url(redis_url())
+        left = [k.decode() for k in client.scan_iter(f"{redis_prefix}:*r1*")]
+        client.close()
+        assert left == []
+    finally:
+        await store.close()

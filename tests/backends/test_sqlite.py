@@ -62,7 +62,7 @@ async def test_processes_sharing_one_file_never_lease_the_same_job(tmp_path: Pat
 async def test_everything_committed_is_there_after_reopening(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/bach.db"
     store = open_backend(url)
-    rec = RequestRecord("r1", "k1", "PENDING", 0, "p", '{"a": 1}', NOW, NOW)
+    rec = RequestRecord("r1", "k1", "PENDING", 0, "p", '{"a": 1}', NOW, NOW, parts={"input": "2"})
     job = JobRecord("r1/a/1", "r1", "a", 1, "A", "5", NOW, 30)
     await store.create(rec, "p", '{"plan": 1}', [job])
     await store.close()
@@ -139,3 +139,15 @@ async def test_a_store_from_before_job_durations_opens_and_keeps_its_reports(
         assert (await store.stats(NOW)).to_run == 2
     finally:
         await store.close()
+
+
+async def test_purge_deletes_the_parts_of_the_requests_it_forgets(tmp_path: Path) -> None:
+    store = open_backend(f"sqlite:///{tmp_path}/bach.db")
+    try:
+        rec = RequestRecord("r1", "k1", "COMPLETE", 0, "p", "{}", NOW, NOW, parts={"input": "1"})
+        await store.create(rec, "p", "{}", [])
+        assert await store.purge(NOW + 1) == 1
+    finally:
+        await store.close()
+    with sqlite3.connect(tmp_path / "bach.db") as conn:
+        assert conn.execute("SELECT count(*) FROM request_parts").fetchone() == (0,)

@@ -4,18 +4,21 @@ sees, without processes or HTTP in the way."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from bach.backends.memory import MemoryBackend
-from bach.backends.port import JobRecord, RequestRecord
+from bach.backends.port import JobRecord, RequestRecord, Transition
 from bach.core.machine import JobStatus, Status
 from bach.core.score import load_scores
 from bach.errors import InvalidInput, MappingError, NotFound
+from bach.runtime.codec import to_jobs
 from bach.runtime.engine import Engine, Submission, is_dead_local_worker, worker_id
 from bach.runtime.supervisor import Supervisor
 from bach.runtime.worker import MAX_DELIVERIES, Worker
@@ -35,11 +38,10 @@ class Harness:
         return done.id, done.status
 
 
-@pytest.fixture
-async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
-    monkeypatch.setenv("BACH_TEST_LOG", str(tmp_path / "calls.log"))
+@contextlib.asynccontextmanager
+async def harness_on(backend: MemoryBackend) -> AsyncIterator[Harness]:
+    """An engine and in-process workers for the test scores on a memory store."""
     score = load_scores([FIXTURES / "svc.yaml", EXAMPLES / "arith.yaml"])
-    backend = MemoryBackend()
     engine = Engine(backend, score)
     supervisor = Supervisor(score, backend, "memory://", in_process=True, grace=2)
     await supervisor.start()
@@ -47,6 +49,13 @@ async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
         yield Harness(engine, backend, supervisor)
     finally:
         await supervisor.stop()
+
+
+@pytest.fixture
+async def harness(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Harness]:
+    monkeypatch.setenv("BACH_TEST_LOG", str(tmp_path / "calls.log"))
+    async with harness_on(MemoryBackend()) as harness:
+        yield harness
 
 
 async def test_seed_002_examples(harness: Harness) -> None:
@@ -215,3 +224,77 @@ async def test_retention_forgets_ended_requests_at_the_sweep(harness: Harness) -
     await harness.engine.sweep()
     with pytest.raises(NotFound):
         await harness.engine.get(rid)
+
+
+async def test_a_request_stored_whole_by_an_earlier_version_runs_on(harness: Harness) -> None:
+    """Before requests were stored in parts, one body held everything: such a request,
+    caught mid-run by an upgrade, finishes, and its next step writes it in parts."""
+    engine = harness.engine
+    request, plan, dispatches = engine._accept(Submission(input=5, todo=["A", "B"]), None)
+    whole = RequestRecord(
+        request.id,
+        request.key,
+        request.status.value,
+        request.version,
+        plan.digest,
+        json.dumps(request.to_dict()),
+        request.created_at,
+        request.updated_at,
+        request.remaining(),
+    )
+    await harness.backend.create(
+        whole, plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
+    )
+    await engine.run_until_idle()
+    done = await engine.get(request.id)
+    assert (done.status, done.result) == (Status.COMPLETE, 14)
+    stored = await harness.backend.load(request.id)
+    assert stored is not None and stored.parts is not None
+    assert set(stored.parts) == {"input", "job:A", "job:B"} and '"jobs"' not in stored.body
+
+
+class Recording(MemoryBackend):
+    """The memory store, noting what the engine reads and writes of each request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reads: list[tuple[str, ...]] = []
+        self.writes: list[tuple[str, ...]] = []
+
+    async def load_many(
+        self, ids: Sequence[str], since: Mapping[str, int] | None = None
+    ) -> dict[str, RequestRecord]:
+        found = await super().load_many(ids, since)
+        self.reads += [tuple(sorted(r.parts or {})) for r in found.values()]
+        return found
+
+    async def commit(self, transitions: Sequence[Transition]) -> list[bool]:
+        self.writes += [tuple(sorted(t.record.parts or {})) for t in transitions if t.record]
+        return await super().commit(transitions)
+
+
+async def test_a_step_reads_and_writes_only_what_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BACH_TEST_LOG", str(tmp_path / "calls.log"))
+    backend = Recording()
+    async with harness_on(backend) as harness:
+        engine = harness.engine
+        request, _ = await engine.submit(Submission(input=5, todo=["A", "B", "A", "B"]))
+        await engine.run_until_idle()
+        assert (await engine.get(request.id)).result == 32
+        # The engine wrote every version itself: it never read a part back.
+        assert backend.reads == []
+        # Each step wrote the job that finished and the one it dispatched, never the input.
+        assert backend.writes == [
+            ("job:A", "job:B"),
+            ("job:A#2", "job:B"),
+            ("job:A#2", "job:B#2"),
+            ("job:B#2",),
+        ]
+        # A second engine, holding nothing, reads the request once, whole.
+        other = Engine(backend, engine.score)
+        second, _ = await engine.submit(Submission(input=1, todo=["A", "B"]))
+        await other.run_until_idle()
+        assert (await other.get(second.id)).result == 6
+        assert backend.reads == [("input", "job:A")]
