@@ -51,6 +51,16 @@ class Task:
     backoff: float
     max_backoff: float
     timeout: float
+    #: Each retry waits ``factor`` times longer than the one before (up to max_backoff)
+    backoff_factor: float = 2.0
+    #: Up to this share of each wait is taken off, by a hash of the job: retries of many
+    #: requests that failed together spread out instead of arriving together.
+    jitter: float = 0.0
+
+
+#: Policy fields a plan's JSON holds only when they differ from these (so that plans
+#: written before they existed keep their digest).
+_POLICY_DEFAULTS = {"backoff_factor": 2.0, "jitter": 0.0}
 
 
 @dataclass(frozen=True)
@@ -130,6 +140,11 @@ class Plan:
                     "backoff": t.backoff,
                     "max_backoff": t.max_backoff,
                     "timeout": t.timeout,
+                    **{
+                        k: getattr(t, k)
+                        for k, default in _POLICY_DEFAULTS.items()
+                        if getattr(t, k) != default
+                    },
                 }
                 for t in self.tasks
             ],
@@ -152,7 +167,13 @@ class Plan:
                 after=tuple(t["after"]),
                 input=Template(t["input"]) if "input" in t else None,
                 output=t.get("output"),
-                policy=(t["retries"], t["backoff"], t["max_backoff"], t["timeout"]),
+                policy=(
+                    t["retries"],
+                    t["backoff"],
+                    t["max_backoff"],
+                    t["timeout"],
+                    *(t.get(k, default) for k, default in _POLICY_DEFAULTS.items()),
+                ),
             )
             for t in data["tasks"]
         ]
@@ -176,7 +197,8 @@ class _TaskSource:
     after: tuple[str, ...]
     input: Template | None
     output: str | None
-    policy: tuple[int, float, float, float]
+    #: retries, backoff, max_backoff, timeout[, backoff_factor, jitter]
+    policy: tuple[float, ...]
 
 
 def _build(
@@ -191,7 +213,8 @@ def _build(
         req = 0
         for dep in s.after:
             req |= 1 << position[dep]
-        retries, backoff, max_backoff, timeout = s.policy
+        retries, backoff, max_backoff, timeout, *more = s.policy
+        factor, jitter = (*more, *_POLICY_DEFAULTS.values())[:2]
         tasks.append(
             Task(
                 task_name,
@@ -202,17 +225,26 @@ def _build(
                 req,
                 s.input,
                 s.output,
-                retries,
+                int(retries),
                 backoff,
                 max_backoff,
                 timeout,
+                factor,
+                jitter,
             )
         )
     return Plan(name, tuple(tasks), result, dict(params))
 
 
-def _policy_tuple(policy: Policy) -> tuple[int, float, float, float]:
-    return (policy.retries, policy.backoff, policy.max_backoff, policy.timeout)
+def _policy_tuple(policy: Policy) -> tuple[float, ...]:
+    return (
+        policy.retries,
+        policy.backoff,
+        policy.max_backoff,
+        policy.timeout,
+        policy.backoff_factor,
+        policy.jitter,
+    )
 
 
 def compile_rubric(name: str, spec: RubricSpec, services: Mapping[str, Service]) -> Plan:

@@ -38,10 +38,31 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    retries: int = Field(3, ge=0, description="extra attempts after the first fails")
-    backoff: float = Field(0.5, ge=0, description="seconds before the first retry; doubles")
+    retries: int = Field(
+        3, ge=0, description="extra attempts after the first fails (lost attempts count)"
+    )
+    backoff: float = Field(0.5, ge=0, description="seconds before the first retry")
+    backoff_factor: float = Field(2.0, ge=1, description="each retry waits this much longer")
     max_backoff: float = Field(60.0, ge=0, description="upper bound of one retry delay")
+    jitter: float = Field(
+        0.0, ge=0, le=1, description="up to this share of each delay is taken off at random"
+    )
     timeout: float = Field(300.0, gt=0, description="seconds one attempt may run")
+
+
+class RetryRules(BaseModel):
+    """Failures that no retry can fix: the job fails at its first attempt."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    non_retryable: list[str] = Field(
+        default_factory=list,
+        description="exception type names (a handler raising one, or a subclass, fails "
+        "for good); e.g. ValueError or mypkg.errors.BadInput",
+    )
+    permanent_exit_codes: list[int] = Field(
+        default_factory=list, description="a program's exit statuses that fail for good"
+    )
 
 
 class ServiceSpec(Policy):
@@ -62,6 +83,10 @@ class ServiceSpec(Policy):
         60.0, gt=0, description="seconds without work before scaling down to min_instances"
     )
     concurrency: int = Field(1, ge=1, description="jobs one instance runs at once")
+    retry: RetryRules = Field(default_factory=RetryRules)
+    cancel_grace: float = Field(
+        5.0, ge=0, description="seconds a cancelled program gets after SIGTERM before SIGKILL"
+    )
 
     @property
     def low(self) -> int:
@@ -91,7 +116,9 @@ class ServiceSpec(Policy):
         return Policy(
             retries=self.retries,
             backoff=self.backoff,
+            backoff_factor=self.backoff_factor,
             max_backoff=self.max_backoff,
+            jitter=self.jitter,
             timeout=self.timeout,
         )
 
