@@ -3,3 +3,10 @@
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+
+class Fatal(Exception):
+    """Raised by a handler, fails its job for good: no retry can fix what it reports."""
+
+
+__all__ = ["Fatal", "__version__"]

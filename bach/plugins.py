@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import sys
 from collections.abc import Sequence
@@ -14,11 +15,19 @@ from typing import Any
 from bach.errors import BachError
 
 
-def load_object(ref: str, base_dir: Path | None = None, field: str = "handler") -> Any:
-    """Import ``module:attr``, looking in ``base_dir`` (a score's folder) first."""
+def load_object(
+    ref: str,
+    base_dir: Path | None = None,
+    field: str = "handler",
+    *,
+    fallback: Path | None = None,
+) -> Any:
+    """Import ``module:attr``, looking in ``base_dir`` (a score's folder) first, and in
+    ``fallback`` when the module is found nowhere else."""
     module_name, _, attr = ref.partition(":")
-    if base_dir is not None and str(base_dir) not in sys.path:
-        sys.path.insert(0, str(base_dir))
+    _search(base_dir)
+    if fallback is not None and not _findable(module_name):
+        _search(fallback)
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
@@ -30,6 +39,19 @@ def load_object(ref: str, base_dir: Path | None = None, field: str = "handler") 
         except AttributeError:
             raise BachError(field, f"{module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _search(folder: Path | None) -> None:
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def _findable(module_name: str) -> bool:
+    """Whether the top package of ``module_name`` is on ``sys.path``, without importing it."""
+    try:
+        return importlib.util.find_spec(module_name.partition(".")[0]) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 ENTRY_POINT_GROUP = "bach.plugins"
@@ -77,9 +99,13 @@ def _from_object(name: str, origin: str, obj: Any) -> Plugin:
 
 def discover(modules: Sequence[str] = (), base_dir: Path | None = None) -> Found:
     """Every installed plugin (entry-point group ``bach.plugins``) and the modules named
-    (``module`` or ``module:attr``, looked up in ``base_dir`` first). A plugin that fails
-    to load is reported by name; the others still load."""
+    (``module`` or ``module:attr``, looked up in ``base_dir`` first, then on ``sys.path``,
+    then in the working folder). A plugin that fails to load is reported by name; the
+    others still load."""
     found = Found()
+    # The `bach` console script, unlike `python -m bach`, does not put the working folder
+    # on sys.path, so `--plugin NAME` beside the user would not be found without this.
+    cwd = Path.cwd()
     for entry in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         try:
             found.plugins.append(
@@ -89,7 +115,7 @@ def discover(modules: Sequence[str] = (), base_dir: Path | None = None) -> Found
             found.broken.append((entry.name, f"{type(exc).__name__}: {exc}"))
     for ref in modules:
         try:
-            obj = load_object(ref, base_dir, field="plugin")
+            obj = load_object(ref, base_dir, field="plugin", fallback=cwd)
             found.plugins.append(_from_object(ref, f"module {ref}", obj))
         except Exception as exc:
             reason = exc.reason if isinstance(exc, BachError) else f"{type(exc).__name__}: {exc}"

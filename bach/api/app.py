@@ -193,11 +193,25 @@ async def list_requests(
 
 @router.delete("/requests/{ref}", response_model=RequestView)
 async def cancel(ref: str, engine: EngineDep) -> Response:
-    """Cancel a request that has not ended; its queued jobs are withdrawn."""
+    """Cancel a request that has not ended: its queued jobs are withdrawn and its running
+    ones stopped."""
     request = await engine.get(ref)
     if request.terminal:
         raise Conflict("status", f"request {request.id} has already ended ({request.status})")
     return await _view(engine, await engine.cancel(ref))
+
+
+@router.post("/requests/{ref}/cancel", response_model=RequestView)
+async def cancel_post(ref: str, engine: EngineDep) -> Response:
+    """Cancel, as ``DELETE /api/requests/{ref}``."""
+    return await cancel(ref, engine)
+
+
+@router.post("/requests/{ref}/retry", response_model=RequestView)
+async def retry(ref: str, engine: EngineDep) -> Response:
+    """Run a FAILED or CANCELLED request again from the tasks that did not complete,
+    keeping the results of those that did."""
+    return await _view(engine, await engine.retry(ref))
 
 
 def _runner(engine: Engine) -> CommandRunner:

@@ -69,14 +69,34 @@ class SubmitBody(BaseModel):
     key: Key | None = None
 
 
+class AttemptView(BaseModel):
+    """One attempt of a job that ended."""
+
+    model_config = ConfigDict(extra="allow")
+
+    attempt: int = Field(description="the dispatch it ran under (lost ones share one)")
+    outcome: str = Field(description="ok, failed or lost")
+    round: int = Field(0, description="0, then one more per retry of the request")
+    worker: str | None = Field(None, description="host:pid:service of the instance")
+    host: str | None = None
+    pid: int | None = None
+    started_at: float | None = None
+    ended_at: float | None = None
+    error: dict[str, Any] | None = Field(
+        None, description="type, message, and traceback (a handler) or stderr (a program)"
+    )
+    reason: str | None = Field(None, description="why a lost attempt was lost")
+
+
 class JobView(BaseModel):
     service: str
     status: str
-    attempts: int
+    attempts: int = Field(description="attempts made, lost ones included")
     input: Any
     result: Any = None
     error: str | None = None
     worker: str | None = None
+    history: list[AttemptView] = Field(default_factory=list, description="oldest first")
 
 
 class RequestView(BaseModel):
@@ -94,6 +114,9 @@ class RequestView(BaseModel):
     error: dict[str, Any] | None = None
     created_at: float
     updated_at: float
+    trace: list[dict[str, Any]] = Field(
+        default_factory=list, description="what happened beyond the jobs: retries"
+    )
     unreadable: list[str] | None = Field(
         None,
         description="parts of a stored record that could not be rendered (written by an "
@@ -139,11 +162,12 @@ def view_of(request: Request, leased: Mapping[str, str] | None = None) -> dict[s
         jobs[name] = {
             "service": job.service,
             "status": status,
-            "attempts": job.attempts,
+            "attempts": max(job.attempts, len(job.history)),
             "input": job.input,
             "result": job.result,
             "error": job.error,
             "worker": leased.get(name),
+            "history": [dict(a) for a in job.history],
         }
     status = request.status.value
     if status == "PENDING" and leased:
@@ -161,6 +185,7 @@ def view_of(request: Request, leased: Mapping[str, str] | None = None) -> dict[s
         "error": dict(request.error) if request.error else None,
         "created_at": request.created_at,
         "updated_at": request.updated_at,
+        "trace": [dict(t) for t in request.trace],
     }
 
 

@@ -95,7 +95,7 @@ local function enqueue(f)
   if redis.call('EXISTS', jk) == 1 then return end
   redis.call('HSET', jk, 'id', f[1], 'request_id', f[2], 'task', f[3], 'attempt', f[4],
     'service', f[5], 'payload', f[6], 'available_at', f[7], 'timeout', f[8],
-    'worker', '', 'until', '0', 'deliveries', '0')
+    'worker', '', 'until', '0', 'deliveries', '0', 'lost', '[]')
   redis.call('ZADD', K.queue(f[5]), f[7], f[1])
   redis.call('SADD', K.services, f[5])
   redis.call('HINCRBY', K.counts, f[5] .. ':enqueued', 1)
@@ -119,16 +119,28 @@ local function unhold(id, worker)
   end
 end
 
--- put a leased job back on its queue; uncount: the delivery does not count
-local function requeue(id, uncount)
+-- put a leased job back on its queue; uncount: the delivery does not count; else the
+-- delivery was lost, for this reason, at this time: the job keeps a note of it
+local function requeue(id, uncount, reason, now)
   local jk = K.job(id)
-  local f = redis.call('HMGET', jk, 'service', 'worker', 'available_at')
+  local f = redis.call('HMGET', jk, 'service', 'worker', 'available_at', 'lost')
   if not f[1] or f[2] == '' then return 0 end
   redis.call('ZREM', K.leases, id)
   redis.call('SREM', K.running(f[1]), id)
   unhold(id, f[2])
   redis.call('HSET', jk, 'worker', '', 'until', '0')
-  if uncount then redis.call('HINCRBY', jk, 'deliveries', -1) end
+  if uncount then
+    redis.call('HINCRBY', jk, 'deliveries', -1)
+  else
+    local entry = cjson.encode({worker = f[2], reason = reason, at = tonumber(now)})
+    local lost = f[4]
+    if not lost or lost == '' or lost == '[]' then
+      lost = '[' .. entry .. ']'
+    else
+      lost = string.sub(lost, 1, -2) .. ',' .. entry .. ']'
+    end
+    redis.call('HSET', jk, 'lost', lost)
+  end
   redis.call('ZADD', K.queue(f[1]), f[3], id)
   ring(K.bell_jobs(f[1]))
   return 1
@@ -294,16 +306,17 @@ for t = 1, count do
       redis.call('HDEL', K.reports, id)
       redis.call('ZREM', K.outbox, id)
     end
-    if withdraw then
+    if withdraw then  -- queued and leased: a holder learns at its next extend
       for _, id in ipairs(redis.call('SMEMBERS', K.rjobs(rid))) do
         local jf = redis.call('HMGET', K.job(id), 'service', 'worker')
-        if not jf[1] then
-          redis.call('SREM', K.rjobs(rid), id)
-        elseif jf[2] == '' then
+        if jf[1] then
           redis.call('ZREM', K.queue(jf[1]), id)
+          redis.call('SREM', K.running(jf[1]), id)
+          redis.call('ZREM', K.leases, id)
+          unhold(id, jf[2])
           redis.call('DEL', K.job(id))
-          redis.call('SREM', K.rjobs(rid), id)
         end
+        redis.call('SREM', K.rjobs(rid), id)
       end
     end
     for _, f in ipairs(jobs) do enqueue(f) end
@@ -333,7 +346,8 @@ if limit > 0 then
     redis.call('SADD', K.running(service), id)
     redis.call('SADD', K.held(worker), id)
     local f = redis.call('HMGET', jk, 'id', 'request_id', 'task', 'attempt', 'service',
-      'payload', 'available_at', 'timeout')
+      'payload', 'available_at', 'timeout', 'lost')
+    f[10] = f[9] or '[]'
     f[9] = deliveries
     out[#out + 1] = f
   end
@@ -373,7 +387,7 @@ local worker = arg()
 local n = 0
 for i = pos + 1, #ARGV do
   if redis.call('HGET', K.job(ARGV[i]), 'worker') == worker then
-    n = n + requeue(ARGV[i], true)
+    n = n + requeue(ARGV[i], true, nil, nil)
   end
 end
 ring_all()
@@ -381,12 +395,15 @@ return n
 """
 )
 
-# ARGV: prefix worker
+# ARGV: prefix worker now
 _RELEASE_WORKER = (
     _LUA_COMMON
     + """
 local n = 0
-for _, id in ipairs(redis.call('SMEMBERS', K.held(arg()))) do n = n + requeue(id, false) end
+local worker, now = arg(), arg()
+for _, id in ipairs(redis.call('SMEMBERS', K.held(worker))) do
+  n = n + requeue(id, false, 'worker died', now)
+end
 ring_all()
 return n
 """
@@ -397,8 +414,9 @@ _REQUEUE_EXPIRED = (
     _LUA_COMMON
     + """
 local n = 0
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', '(' .. arg())) do
-  n = n + requeue(id, false)
+local now = arg()
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', K.leases, '-inf', '(' .. now)) do
+  n = n + requeue(id, false, 'lease expired', now)
 end
 ring_all()
 return n

@@ -6,9 +6,11 @@ Everything runs on the event loop, so each method is atomic by construction.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from bach.backends.port import (
     JobRecord,
@@ -30,6 +32,7 @@ class _Slot:
     worker: str | None = None
     until: float = 0.0
     deliveries: int = 0
+    lost: list[dict[str, Any]] = field(default_factory=list)
 
 
 class _Signal:
@@ -129,7 +132,7 @@ class MemoryBackend:
             self._reports.pop(job_id, None)
         if t.withdraw:
             for job_id, slot in list(self._jobs.items()):
-                if slot.job.request_id == t.request_id and slot.worker is None:
+                if slot.job.request_id == t.request_id:
                     del self._jobs[job_id]
         self._enqueue(t.enqueue)
         return True
@@ -164,7 +167,7 @@ class MemoryBackend:
         for slot in ready:
             slot.worker, slot.until = worker, now + ttl
             slot.deliveries += 1
-            leases.append(Lease(slot.job, worker, slot.until, slot.deliveries))
+            leases.append(Lease(slot.job, worker, slot.until, slot.deliveries, tuple(slot.lost)))
         return leases
 
     async def extend(self, job_ids: Sequence[str], worker: str, until: float) -> list[str]:
@@ -205,14 +208,15 @@ class MemoryBackend:
         return released
 
     async def release_worker(self, worker: str) -> int:
-        return self._requeue(lambda s: s.worker == worker)
+        return self._requeue(lambda s: s.worker == worker, "worker died", time.time())
 
     async def requeue_expired(self, now: float) -> int:
-        return self._requeue(lambda s: s.worker is not None and s.until < now)
+        return self._requeue(lambda s: s.worker is not None and s.until < now, "lease expired", now)
 
-    def _requeue(self, match: Callable[[_Slot], bool]) -> int:
+    def _requeue(self, match: Callable[[_Slot], bool], reason: str, now: float) -> int:
         slots = [s for s in self._jobs.values() if match(s)]
         for slot in slots:
+            slot.lost.append({"worker": slot.worker, "reason": reason, "at": now})
             slot.worker, slot.until = None, 0.0
             self._signal.ring("jobs:" + slot.job.service)
         return len(slots)

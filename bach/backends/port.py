@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ class Lease:
     until: float
     #: How many times this job has been handed to a worker, this time included.
     deliveries: int
+    #: Earlier deliveries that ended without a report: ``worker``, ``reason`` ("worker
+    #: died", "lease expired") and ``at``. A clean give-back (``release``) is not one.
+    lost: tuple[Mapping[str, Any], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,9 @@ class Report:
     retryable: bool = True
     #: Seconds the job ran in the worker (0.0 when not measured).
     elapsed: float = 0.0
+    #: JSON the worker recorded of the attempt (error type, traceback, stderr, start,
+    #: lost deliveries); the store keeps it as it is.
+    info: str = ""
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,8 @@ class Transition:
     enqueue: tuple[JobRecord, ...] = ()
     #: Reports this step has applied; they leave the completion channel with it.
     consumed: tuple[str, ...] = ()
-    #: Remove this request's queued (not leased) jobs.
+    #: Remove this request's jobs, queued and leased: a worker holding one learns at its
+    #: next ``extend`` that it no longer does, and stops it.
     withdraw: bool = False
 
 

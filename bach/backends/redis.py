@@ -68,6 +68,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -206,6 +207,7 @@ def _report_args(reports: Sequence[Report]) -> list[str]:
                     r.at,
                     r.retryable,
                     r.elapsed,
+                    r.info,
                 ]
             ),
         ]
@@ -214,9 +216,10 @@ def _report_args(reports: Sequence[Report]) -> list[str]:
 
 def _report(text: Any) -> Report:
     job_id, rid, task, attempt, ok, payload, worker, at, retryable, *rest = json.loads(text)
-    # Reports written before durations were measured have no tenth field.
+    # Reports written before durations were measured, or attempts recorded, lack those.
     elapsed = rest[0] if rest else 0.0
-    return Report(job_id, rid, task, attempt, ok, payload, worker, at, retryable, elapsed)
+    info = rest[1] if len(rest) > 1 else ""
+    return Report(job_id, rid, task, attempt, ok, payload, worker, at, retryable, elapsed, info)
 
 
 def parse_url(url: str) -> tuple[str, str, int]:
@@ -424,7 +427,10 @@ class RedisBackend:
         rows = await self._run(
             self._lease, service, worker, repr(now), repr(until), str(limit), *_report_args(done)
         )
-        return [Lease(_job(row), worker, until, int(row[8])) for row in rows]
+        return [
+            Lease(_job(row), worker, until, int(row[8]), tuple(json.loads(_text(row[9]))))
+            for row in rows
+        ]
 
     async def extend(self, job_ids: Sequence[str], worker: str, until: float) -> list[str]:
         if not job_ids:
@@ -445,7 +451,7 @@ class RedisBackend:
         return int(await self._run(self._release, worker, *job_ids))
 
     async def release_worker(self, worker: str) -> int:
-        return int(await self._run(self._release_worker, worker))
+        return int(await self._run(self._release_worker, worker, repr(time.time())))
 
     async def reports(self, limit: int) -> list[Report]:
         return (await self._read_reports(limit, False))[0]

@@ -62,7 +62,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, request_id TEXT NOT NULL, task TEXT NOT NULL,
     attempt INTEGER NOT NULL, service TEXT NOT NULL, payload TEXT NOT NULL,
     available_at REAL NOT NULL, timeout REAL NOT NULL,
-    worker TEXT, lease_until REAL, deliveries INTEGER NOT NULL DEFAULT 0);
+    worker TEXT, lease_until REAL, deliveries INTEGER NOT NULL DEFAULT 0,
+    lost TEXT NOT NULL DEFAULT '[]');
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(service, available_at) WHERE worker IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_leased ON jobs(lease_until) WHERE worker IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_by_request ON jobs(request_id);
@@ -70,7 +71,7 @@ CREATE TABLE IF NOT EXISTS reports (
     job_id TEXT PRIMARY KEY, request_id TEXT NOT NULL, task TEXT NOT NULL,
     attempt INTEGER NOT NULL, ok INTEGER NOT NULL, payload TEXT NOT NULL,
     retryable INTEGER NOT NULL, worker TEXT NOT NULL, at REAL NOT NULL,
-    elapsed REAL NOT NULL DEFAULT 0);
+    elapsed REAL NOT NULL DEFAULT 0, info TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS supervisors (
     id TEXT PRIMARY KEY, until REAL NOT NULL, instances TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS service_counts (
@@ -103,6 +104,11 @@ def _migrate(conn: sqlite3.Connection) -> None:
     columns = {row[1] for row in conn.execute("PRAGMA table_info(reports)")}
     if "elapsed" not in columns:  # before job durations were reported
         conn.execute("ALTER TABLE reports ADD COLUMN elapsed REAL NOT NULL DEFAULT 0")
+    if "info" not in columns:  # before attempts were on record
+        conn.execute("ALTER TABLE reports ADD COLUMN info TEXT NOT NULL DEFAULT ''")
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    if "lost" not in columns:
+        conn.execute("ALTER TABLE jobs ADD COLUMN lost TEXT NOT NULL DEFAULT '[]'")
     columns = {row[1] for row in conn.execute("PRAGMA table_info(requests)")}
     if "to_run" not in columns:  # counted from each request's next step on
         conn.execute("ALTER TABLE requests ADD COLUMN to_run INTEGER NOT NULL DEFAULT 0")
@@ -118,9 +124,19 @@ def _job(row: Sequence[Any]) -> JobRecord:
 
 
 def _report_row(row: Sequence[Any]) -> Report:
-    job_id, request_id, task, attempt, ok, payload, retryable, worker, at, elapsed = row
+    job_id, request_id, task, attempt, ok, payload, retryable, worker, at, elapsed, info = row
     return Report(
-        job_id, request_id, task, attempt, bool(ok), payload, worker, at, bool(retryable), elapsed
+        job_id,
+        request_id,
+        task,
+        attempt,
+        bool(ok),
+        payload,
+        worker,
+        at,
+        bool(retryable),
+        elapsed,
+        info,
     )
 
 
@@ -372,9 +388,7 @@ class SqliteBackend:
                         "DELETE FROM reports WHERE job_id = ?", [(i,) for i in t.consumed]
                     )
                 if t.withdraw:
-                    conn.execute(
-                        "DELETE FROM jobs WHERE request_id = ? AND worker IS NULL", (t.request_id,)
-                    )
+                    conn.execute("DELETE FROM jobs WHERE request_id = ?", (t.request_id,))
                 _enqueue(conn, t.enqueue, topics)
                 return True
 
@@ -403,11 +417,14 @@ class SqliteBackend:
                 "UPDATE jobs SET worker = ?, lease_until = ?, deliveries = deliveries + 1"
                 " WHERE id IN (SELECT id FROM jobs WHERE worker IS NULL AND service = ?"
                 " AND available_at <= ? ORDER BY available_at LIMIT ?)"
-                f" RETURNING {_JOB_COLS}, deliveries",
+                f" RETURNING {_JOB_COLS}, deliveries, lost",
                 (worker, now + ttl, service, now, limit),
             ).fetchall()
             rows.sort(key=lambda row: row[6])
-            return [Lease(_job(row[:8]), worker, now + ttl, row[8]) for row in rows]
+            return [
+                Lease(_job(row[:8]), worker, now + ttl, row[8], tuple(json.loads(row[9])))
+                for row in rows
+            ]
 
         return await self._write(op, durable=False)
 
@@ -457,17 +474,20 @@ class SqliteBackend:
         return await self._write(op, durable=False)
 
     async def release_worker(self, worker: str) -> int:
-        return await self._requeue("worker = ?", (worker,))
+        return await self._requeue("worker = ?", (worker,), "worker died", time.time())
 
     async def requeue_expired(self, now: float) -> int:
-        return await self._requeue("worker IS NOT NULL AND lease_until < ?", (now,))
+        return await self._requeue(
+            "worker IS NOT NULL AND lease_until < ?", (now,), "lease expired", now
+        )
 
-    async def _requeue(self, where: str, args: tuple[Any, ...]) -> int:
+    async def _requeue(self, where: str, args: tuple[Any, ...], reason: str, now: float) -> int:
         def op(conn: sqlite3.Connection, topics: set[str]) -> int:
             rows = conn.execute(
-                f"UPDATE jobs SET worker = NULL, lease_until = NULL WHERE {where}"
-                " RETURNING service",
-                args,
+                "UPDATE jobs SET worker = NULL, lease_until = NULL, lost = json_insert(lost,"
+                " '$[#]', json_object('worker', worker, 'reason', ?, 'at', ?))"
+                f" WHERE {where} RETURNING service",
+                (reason, now, *args),
             ).fetchall()
             topics.update("jobs:" + row[0] for row in rows)
             return len(rows)
@@ -601,7 +621,7 @@ def _report(conn: sqlite3.Connection, reports: Sequence[Report], topics: set[str
     conn.executemany("DELETE FROM jobs WHERE id = ?", [(r.job_id,) for r in reports])
     conn.executemany(
         "INSERT OR IGNORE INTO reports (job_id, request_id, task, attempt, ok, payload,"
-        " retryable, worker, at, elapsed) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " retryable, worker, at, elapsed, info) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [
             (
                 r.job_id,
@@ -614,6 +634,7 @@ def _report(conn: sqlite3.Connection, reports: Sequence[Report], topics: set[str
                 r.worker,
                 r.at,
                 r.elapsed,
+                r.info,
             )
             for r in reports
         ],
@@ -701,7 +722,7 @@ def _load_many(conn: sqlite3.Connection, ids: Sequence[str]) -> dict[str, Reques
 def _reports(conn: sqlite3.Connection, limit: int) -> list[Report]:
     rows = conn.execute(
         "SELECT job_id, request_id, task, attempt, ok, payload, retryable, worker, at,"
-        " elapsed FROM reports ORDER BY rowid LIMIT ?",
+        " elapsed, info FROM reports ORDER BY rowid LIMIT ?",
         (limit,),
     ).fetchall()
     return [_report_row(row) for row in rows]

@@ -8,6 +8,7 @@ identity. That is what makes delivery at-least-once but application exactly-once
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -40,6 +41,13 @@ class JobStatus(StrEnum):
 _OPEN_JOB = frozenset({JobStatus.QUEUED, JobStatus.RUNNING})
 
 
+#: An attempt on record: ``attempt`` (the dispatch it ran under), ``outcome`` (ok,
+#: failed, lost, cancelled), ``round`` (0, then one more per retry of the request), and
+#: what the worker said: ``worker``, ``started_at``, ``ended_at``, ``error`` (``type``,
+#: ``message``, ``traceback``, ``stderr``) or, for a lost one, ``reason``.
+Attempt = Mapping[str, Any]
+
+
 @dataclass(frozen=True)
 class Job:
     """One task of one request: its latest attempt and, once done, its result."""
@@ -47,12 +55,19 @@ class Job:
     task: str
     service: str
     status: JobStatus
+    #: The number of the current dispatch (it names the job on its queue).
     attempts: int
     input: Any
     result: Any = None
     error: str | None = None
     queued_at: float = 0.0
     finished_at: float | None = None
+    #: Every attempt that ended, lost ones included, oldest first.
+    history: tuple[Attempt, ...] = ()
+
+    def tries(self, round_: int) -> int:
+        """Attempts made in this round of the request, lost ones included."""
+        return sum(1 for a in self.history if a.get("round", 0) == round_)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +79,7 @@ class Job:
             "error": self.error,
             "queued_at": self.queued_at,
             "finished_at": self.finished_at,
+            "history": [dict(a) for a in self.history],
         }
 
     @classmethod
@@ -78,6 +94,7 @@ class Job:
             error=data.get("error"),
             queued_at=data.get("queued_at", 0.0),
             finished_at=data.get("finished_at"),
+            history=tuple(data.get("history", ())),
         )
 
 
@@ -99,6 +116,12 @@ class Request:
     updated_at: float = 0.0
     client: str | None = None
     version: int = 0
+    #: A digest of what was submitted: the same key with another body is a conflict.
+    submitted: str | None = None
+    #: Retries of the whole request so far (each restarts its failed tasks).
+    round: int = 0
+    #: What happened to the request beyond its jobs: ``{"at", "event", ...}``.
+    trace: tuple[Mapping[str, Any], ...] = ()
 
     @property
     def terminal(self) -> bool:
@@ -124,6 +147,9 @@ class Request:
             "updated_at": self.updated_at,
             "client": self.client,
             "version": self.version,
+            "submitted": self.submitted,
+            "round": self.round,
+            "trace": [dict(t) for t in self.trace],
         }
 
     @classmethod
@@ -143,6 +169,9 @@ class Request:
             updated_at=data.get("updated_at", 0.0),
             client=data.get("client"),
             version=data.get("version", 0),
+            submitted=data.get("submitted"),
+            round=data.get("round", 0),
+            trace=tuple(data.get("trace", ())),
         )
 
 
@@ -159,6 +188,9 @@ class JobDone:
     task: str
     attempt: int
     result: Any
+    #: What the worker recorded of the attempt (``Attempt`` fields) and of earlier
+    #: deliveries of it that were lost (``lost``: ``worker``, ``reason``, ``at``).
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -168,6 +200,7 @@ class JobFailed:
     error: str
     #: False for failures that another attempt cannot fix.
     retryable: bool = True
+    info: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -175,11 +208,21 @@ class Cancelled:
     reason: str = "cancelled by a client"
 
 
-Event = Started | JobDone | JobFailed | Cancelled
+@dataclass(frozen=True)
+class Retried:
+    """Run a FAILED or CANCELLED request again from the tasks that did not complete,
+    keeping the results of those that did."""
+
+    reason: str = "retried by a client"
+
+
+Event = Started | JobDone | JobFailed | Cancelled | Retried
 
 
 def advance(request: Request, event: Event, now: float) -> tuple[Request, list[Effect]]:
     """Apply one event. Returns the new request and what must happen because of it."""
+    if isinstance(event, Retried):
+        return _retried(request, event, now)
     if request.terminal:
         return request, []
     if isinstance(event, Started):
@@ -201,16 +244,38 @@ def advance(request: Request, event: Event, now: float) -> tuple[Request, list[E
     if job is None or job.attempts != event.attempt or job.status not in _OPEN_JOB:
         return request, []
     if isinstance(event, JobDone):
-        return _job_done(request, job, event.result, now)
+        return _job_done(request, job, event, now)
     return _job_failed(request, job, event, now)
 
 
-def _job_done(request: Request, job: Job, result: Any, now: float) -> tuple[Request, list[Effect]]:
+def _attempts(
+    request: Request, job: Job, event: JobDone | JobFailed, outcome: str, now: float
+) -> tuple[Attempt, ...]:
+    """The job's history with the event's attempt (and the lost deliveries before it)."""
+    info = dict(event.info)
+    lost = info.pop("lost", ())
+    base = {"attempt": job.attempts, "round": request.round}
+    added = [
+        {**base, "outcome": "lost", **{k: v for k, v in entry.items() if k != "round"}}
+        for entry in lost
+    ]
+    added.append({**base, "outcome": outcome, "ended_at": now, **info})
+    return (*job.history, *added)
+
+
+def _job_done(
+    request: Request, job: Job, event: JobDone, now: float
+) -> tuple[Request, list[Effect]]:
     plan = request.plan
     task = plan.by_name[job.task]
     jobs = dict(request.jobs)
     jobs[job.task] = replace(
-        job, status=JobStatus.COMPLETE, result=result, error=None, finished_at=now
+        job,
+        status=JobStatus.COMPLETE,
+        result=event.result,
+        error=None,
+        finished_at=now,
+        history=_attempts(request, job, event, "ok", now),
     )
     done = request.done | task.value
     dispatched = request.dispatched & ~task.value
@@ -238,8 +303,11 @@ def _job_failed(
 ) -> tuple[Request, list[Effect]]:
     task = request.plan.by_name[job.task]
     jobs = dict(request.jobs)
-    if event.retryable and job.attempts <= task.retries:
-        delay = min(task.max_backoff, task.backoff * 2 ** (job.attempts - 1))
+    history = _attempts(request, job, event, "failed", now)
+    job = replace(job, history=history)
+    tried = job.tries(request.round)
+    if event.retryable and tried <= task.retries:
+        delay = backoff(task, tried, f"{request.id}/{task.name}/{job.attempts}")
         retry = replace(
             job,
             status=JobStatus.QUEUED,
@@ -259,9 +327,78 @@ def _job_failed(
         )
         return replace(request, jobs=jobs, status=Status.RUNNING, updated_at=now), [dispatch]
     jobs[job.task] = replace(job, status=JobStatus.FAILED, error=event.error, finished_at=now)
-    tries = f"{job.attempts} attempt{'s' if job.attempts > 1 else ''}"
+    tries = f"{tried} attempt{'s' if tried > 1 else ''}"
     request = replace(request, jobs=jobs)
     return _fail(request, task.name, f"task {task.name!r} failed after {tries}: {event.error}", now)
+
+
+def backoff(task: Task, failures: int, seed: str) -> float:
+    """Seconds before the next attempt after ``failures`` failed ones: ``backoff`` times
+    ``backoff_factor`` per failure after the first, at most ``max_backoff``, less up to
+    ``jitter`` of it by a hash of ``seed`` (pure: the same job always waits the same)."""
+    delay = min(task.max_backoff, task.backoff * task.backoff_factor ** (failures - 1))
+    if task.jitter:
+        share = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big") / 2**64
+        delay *= 1 - task.jitter * share
+    return delay
+
+
+def _retried(request: Request, event: Retried, now: float) -> tuple[Request, list[Effect]]:
+    if request.status not in (Status.FAILED, Status.CANCELLED):
+        return request, []
+    plan = request.plan
+    jobs = dict(request.jobs)
+    ready = plan.ready(request.done, 0)
+    effects: list[Effect] = []
+    dispatched = 0
+    again = replace(request, round=request.round + 1)
+    if request.done == plan.full:  # every task is done: only the result failed
+        try:
+            value = _result(again)
+        except MappingError as exc:
+            return _fail(again, None, f"result: {exc.reason}", now)
+        return replace(again, status=Status.COMPLETE, result=value, error=None), [
+            Finish(request.id, value)
+        ]
+    for task in ready:
+        try:
+            value = task_input(again, task)
+        except MappingError as exc:
+            return _fail(again, task.name, f"task {task.name!r}: {exc}", now)
+        old = jobs.get(task.name)
+        attempt = old.attempts + 1 if old is not None else 1
+        history = old.history if old is not None else ()
+        jobs[task.name] = Job(
+            task.name,
+            task.service,
+            JobStatus.QUEUED,
+            attempt,
+            value,
+            queued_at=now,
+            history=history,
+        )
+        dispatched |= task.value
+        effects.append(
+            Dispatch(request.id, task.name, attempt, task.service, value, now, task.timeout)
+        )
+    entry = {
+        "at": now,
+        "event": "retried",
+        "from": request.status.value,
+        "reason": event.reason,
+        "tasks": [t.name for t in ready],
+    }
+    retried = replace(
+        again,
+        status=Status.RUNNING,
+        jobs=jobs,
+        dispatched=dispatched,
+        error=None,
+        result=None,
+        updated_at=now,
+        trace=(*request.trace, entry),
+    )
+    return retried, effects
 
 
 def _fail(

@@ -71,6 +71,34 @@ class Template:
     def refs(self) -> set[Ref]:
         return {ref for expr in _exprs(self._tree) for ref in _root_refs(expr.compiled.parsed)}
 
+    def required_params(self) -> set[str]:
+        """The params a request fails without: ``${params.NAME...}`` (not ``${?...}``)
+        finds nothing when ``NAME`` is missing. Only whole-expression chains count, as an
+        expression like ``${params.a || input.b}`` may find something all the same."""
+        needed = (_required_param(e.compiled.parsed) for e in _exprs(self._tree) if not e.optional)
+        return {name for name in needed if name is not None}
+
+
+def unclosed(source: Any, where: str = "input") -> list[MappingError]:
+    """Strings that open ``${`` but are not one whole ``${expr}``, most likely typos: as
+    literals they would reach a service as text. The score loader refuses them; a
+    Template still takes them as literals, so a plan stored before this check still loads."""
+    if isinstance(source, dict):
+        return [e for key, value in source.items() for e in unclosed(value, f"{where}.{key}")]
+    if isinstance(source, list):
+        return [e for i, value in enumerate(source) for e in unclosed(value, f"{where}[{i}]")]
+    if not isinstance(source, str) or not source.startswith("${") or _EXPR.match(source):
+        return []
+    hint = "(or write '$${' for a literal '${')"
+    if "}" not in source:
+        reason = f"the '${{' of {source!r} is not closed: end the expression with '}}' {hint}"
+    else:
+        reason = (
+            f"{source!r} has text after the '}}' that closes its '${{': a mapping string is "
+            f"either one whole ${{expression}} or a literal {hint}"
+        )
+    return [MappingError(where, reason)]
+
 
 def _compile(source: Any) -> Any:
     if isinstance(source, str):
@@ -153,6 +181,21 @@ def _root_refs(node: dict[str, Any]) -> set[Ref]:
     if kind in _BRANCHES:
         return {ref for child in children for ref in _root_refs(child)}
     return set()
+
+
+# Chains in which a null head gives a null result (a pipe's right side may not).
+_NULL_CHAINS = _CHAINS - {"pipe"}
+
+
+def _required_param(node: dict[str, Any]) -> str | None:
+    """``NAME`` when the expression is a chain that starts ``params.NAME``."""
+    children: list[dict[str, Any]] = node.get("children", [])
+    if node["type"] not in _NULL_CHAINS or not children:
+        return None
+    head = children[0]
+    if head["type"] == "field" and head["value"] == "params" and len(children) > 1:
+        return _leading_field(children[1])
+    return _required_param(head)
 
 
 def _leading_field(node: dict[str, Any]) -> str | None:

@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bach.core import rubric as rubric_mod
-from bach.core.mapping import ROOTS, Template
+from bach.core.mapping import ROOTS, Template, unclosed
 from bach.errors import MappingError, ScoreError, ScoreIssue
 
 
@@ -330,11 +330,14 @@ def _mapping_issues(
     upstream: set[str],
     outputs: dict[str, str],
 ) -> list[ScoreIssue]:
+    issues = [
+        ScoreIssue(file, exc.reason, field=exc.field, rubric=rubric, task=task)
+        for exc in unclosed(source, fld)
+    ]
     try:
         template = Template(source)
     except MappingError as exc:
-        return [ScoreIssue(file, exc.reason, field=fld, rubric=rubric, task=task)]
-    issues = []
+        return [*issues, ScoreIssue(file, exc.reason, field=fld, rubric=rubric, task=task)]
     for ref in sorted(template.refs(), key=lambda r: (r.root, r.name or "")):
         reads = ref.name if ref.root == "tasks" else outputs.get(ref.root)
         if ref.root not in ROOTS and ref.root not in outputs:
@@ -365,6 +368,49 @@ def _client_issues(
         for name, c in clients.items()
         if c.rubric not in known
     ]
+
+
+def _required_params(spec: RubricSpec) -> dict[str, str]:
+    """The params a rubric's mappings cannot do without, each with where it first reads it
+    (a mapping that does not compile is reported on its own)."""
+    readers = [
+        (t.input, f"task {name!r}")
+        for name, t in spec.tasks.items()
+        if "input" in t.model_fields_set
+    ]
+    readers.append((spec.result, "its result"))
+    needed: dict[str, str] = {}
+    for source, where in readers:
+        try:
+            params = Template(source).required_params()
+        except MappingError:
+            continue
+        for param in sorted(params):
+            needed.setdefault(param, where)
+    return needed
+
+
+def _params_issues(
+    file: str, clients: dict[str, ClientSpec], rubrics: dict[str, RubricSpec]
+) -> list[ScoreIssue]:
+    """Clients without a param their rubric reads: every request of theirs would fail."""
+    issues = []
+    for name, client in clients.items():
+        spec = rubrics.get(client.rubric)  # an unknown rubric is reported already
+        if spec is None:
+            continue
+        defined = ", ".join(sorted(client.params)) or "none"
+        issues += [
+            ScoreIssue(
+                file,
+                f"client {name!r} does not define param {param!r}, which rubric "
+                f"{client.rubric!r} reads (${{params.{param}}} in {where}; defined: {defined})",
+                field="params",
+            )
+            for param, where in _required_params(spec).items()
+            if param not in client.params
+        ]
+    return issues
 
 
 def _parse_files(paths: Sequence[str | Path]) -> tuple[list[_Parsed], list[ScoreIssue]]:
@@ -418,6 +464,9 @@ def load_scores(paths: Sequence[str | Path]) -> Score:
         issues += _client_issues(p.file, p.score.clients, all_rubrics)
         for name, c in p.score.clients.items():
             score.clients[name] = Client(name, c.rubric, c.params)
+    specs = {name: spec for p in parsed for name, spec in p.score.rubrics.items()}
+    for p in parsed:  # a client may use a rubric of another file
+        issues += _params_issues(p.file, p.score.clients, specs)
     if issues:
         raise ScoreError(issues)
     return score

@@ -65,6 +65,9 @@ def _header(request: Request) -> str:
             "updated_at": request.updated_at,
             "client": request.client,
             "version": request.version,
+            "submitted": request.submitted,
+            "round": request.round,
+            "trace": [dict(t) for t in request.trace],
             "counts": counts_of(request),
         }
     )

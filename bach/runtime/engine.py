@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ from bach.core.rubric import Plan, compile_todo
 from bach.core.score import Score
 from bach.errors import (
     BachError,
+    Conflict,
     InvalidInput,
     MappingError,
     NotFound,
@@ -101,20 +103,34 @@ def event_of(report: Report, limits: Limits = DEFAULTS) -> machine.Event:
     """The machine's event for a worker's report. A result that is not JSON Bach can keep
     (NaN, too deep, too large: a worker of another version may send one) fails the job
     for good, with the reason."""
+    info = info_of(report)
     if not report.ok:
-        return machine.JobFailed(report.task, report.attempt, report.payload, report.retryable)
+        return machine.JobFailed(
+            report.task, report.attempt, report.payload, report.retryable, info
+        )
     try:
         value = read_result(report.payload, limits)
     except BachError as exc:
-        return machine.JobFailed(
-            report.task, report.attempt, f"{exc.field}: {exc.reason}", retryable=False
-        )
-    return machine.JobDone(report.task, report.attempt, value)
+        reason = f"{exc.field}: {exc.reason}"
+        info["error"] = {"type": type(exc).__name__, "message": reason}
+        return machine.JobFailed(report.task, report.attempt, reason, False, info)
+    return machine.JobDone(report.task, report.attempt, value, info)
+
+
+def info_of(report: Report) -> dict[str, Any]:
+    """What the worker recorded of the attempt; {} from a worker that records nothing
+    (or records something this version cannot read)."""
+    try:
+        info = json.loads(report.info) if report.info else {}
+    except ValueError:
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _refused(event: machine.Event, reason: str) -> machine.Event:
     if isinstance(event, machine.JobDone):
-        return machine.JobFailed(event.task, event.attempt, reason, retryable=False)
+        info = {**event.info, "error": {"type": "TooLarge", "message": reason}}
+        return machine.JobFailed(event.task, event.attempt, reason, False, info)
     return event
 
 
@@ -229,14 +245,30 @@ class Engine:
             record, plan.digest, json.dumps(plan.to_dict()), to_jobs(dispatches)
         )
         if not created:
-            return (await self._known(stored)).request, False
+            existing = (await self._known(stored)).request
+            if existing.submitted is not None and existing.submitted != request.submitted:
+                raise Conflict(
+                    "key",
+                    f"key {existing.key!r} is taken by request {existing.id}, submitted with "
+                    "another body (rubric, client, todo or input); use a new key, or "
+                    f"POST /api/requests/{existing.id}/retry to run that one again",
+                )
+            return existing, False
         self.held.put(known)
+        log.info(
+            "request %s accepted (%s, %d tasks)",
+            request.id,
+            plan.name,
+            len(plan.tasks),
+            extra={"request_id": request.id},
+        )
         return request, True
 
     def _accept(self, sub: Submission, key: str | None) -> tuple[Request, Plan, list[Dispatch]]:
         """The new request and its first dispatches (pure: nothing is stored yet)."""
-        encode_json(sub.input, "input", self.limits.input, "input", self.limits.depth)
+        text = encode_json(sub.input, "input", self.limits.input, "input", self.limits.depth)
         plan, client = self.plan_for(sub)
+        submitted = hashlib.sha256(f"{plan.digest}\n{client}\n{text}".encode()).hexdigest()
         rid = str(uuid.uuid4())
         now = self.clock()
         request = Request(
@@ -247,6 +279,7 @@ class Engine:
             created_at=now,
             updated_at=now,
             client=client,
+            submitted=submitted[:32],
         )
         request, effects = machine.advance(request, machine.Started(), now)
         if request.status == machine.Status.FAILED:
@@ -321,20 +354,35 @@ class Engine:
         return found, more
 
     async def cancel(self, ref: str) -> Request:
+        """End a request that is running: its queued jobs are withdrawn and the workers
+        holding its running ones stop them."""
+        return await self._change(ref, machine.Cancelled())
+
+    async def retry(self, ref: str) -> Request:
+        """Run a FAILED or CANCELLED request again from the tasks that did not complete."""
+        request = await self.get(ref)
+        if request.status not in (machine.Status.FAILED, machine.Status.CANCELLED):
+            raise Conflict(
+                "status",
+                f"request {request.id} is {request.status}; only a FAILED or CANCELLED "
+                "request can be retried",
+            )
+        return await self._change(ref, machine.Retried())
+
+    async def _change(self, ref: str, event: machine.Event) -> Request:
+        """Apply a client's event to a request, however often another engine moves it."""
         for _ in range(100):
             known = await self._load(ref)
-            request = known.request
-            new, _ = machine.advance(request, machine.Cancelled(), self.clock())
-            if new is request:
-                return request
-            new = replace(new, version=request.version + 1)
-            record, _ = to_change(known, new)
-            step = Transition(request.id, request.version, record, withdraw=True)
-            if (await self.backend.commit([step]))[0]:
-                self.held.drop(request.id)
-                self._wake(new)
+            new, step, after = self._apply(known, [event], self.clock(), ())
+            if after is None:
                 return new
-        raise RuntimeError(f"request {ref} kept changing while being cancelled")
+            if (await self.backend.commit([step]))[0]:
+                self.held.put(after)
+                if new.terminal:
+                    self._wake(new)
+                self._log_change(known.request, new)
+                return new
+        raise RuntimeError(f"request {ref} kept changing while a client changed it")
 
     # -- applying reports ----------------------------------------------------------------
 
@@ -383,8 +431,51 @@ class Engine:
             if ok:
                 self._committed(rid, after.get(rid), ended.get(rid))
                 self.applied += len(batch)
+                self._log_step(rid, known.get(rid), after.get(rid), batch)
         self._measure(steps, results, outcomes)
         return len(reports)
+
+    def _log_step(
+        self, rid: str, before: Known | None, after: Known | None, batch: Sequence[Report]
+    ) -> None:
+        """One line per failed attempt and per request that ended, at INFO."""
+        if before is None or after is None:
+            return
+        old, new = before.request, after.request
+        for report in batch:
+            job = new.jobs.get(report.task)
+            if report.ok or job is None or old.jobs.get(report.task) is job:
+                continue
+            error = info_of(report).get("error") or {}
+            log.info(
+                "request %s task %s attempt %d failed: %s",
+                rid,
+                report.task,
+                report.attempt,
+                report.payload.splitlines()[0][:500] if report.payload else "",
+                extra={
+                    "request_id": rid,
+                    "task": report.task,
+                    "attempt": report.attempt,
+                    "error_type": error.get("type", "Error"),
+                    "retrying": job.status == machine.JobStatus.QUEUED,
+                },
+            )
+        self._log_change(old, new)
+
+    @staticmethod
+    def _log_change(old: Request, new: Request) -> None:
+        if new.terminal and not old.terminal:
+            message = (new.error or {}).get("message", "")
+            log.info(
+                "request %s %s%s",
+                new.id,
+                new.status,
+                f": {str(message)[:500]}" if message else "",
+                extra={"request_id": new.id, "status": new.status.value},
+            )
+        elif old.terminal and not new.terminal:
+            log.info("request %s retried", new.id, extra={"request_id": new.id})
 
     def _committed(self, rid: str, after: Known | None, ended: Request | None) -> None:
         if after is not None:

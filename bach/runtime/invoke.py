@@ -4,7 +4,17 @@ A callable takes one JSON-able input and returns one JSON-able output; it may be
 (run in a thread, so the worker keeps heartbeating) or async. A program gets the input
 as one JSON document on stdin and must print one JSON document on stdout; it runs
 without a shell. A non-zero exit, unparsable output or an exception is a failure whose
-message says what happened (a program's stderr tail included).
+message says what happened (a program's stderr tail included), and ``Outcome.error``
+records it: the exception's type and traceback, or the program's exit status and stderr.
+
+What fails for good, without retries: ``bach.Fatal`` or an exception type named in the
+service's ``retry.non_retryable``, a program exit status in ``retry.permanent_exit_codes``,
+and whatever no retry can change (input or output that is not JSON, a result too large).
+
+A cancelled job (its request was cancelled or failed while it ran) stops: an async
+handler at its next await, a program by SIGTERM and, after ``cancel_grace`` seconds,
+SIGKILL. A sync handler's thread cannot be stopped; the worker leaves after it and is
+replaced (see ``Worker``).
 """
 
 from __future__ import annotations
@@ -13,14 +23,18 @@ import asyncio
 import contextlib
 import inspect
 import json
+import logging
 import os
 import shutil
+import signal
+import traceback
 from asyncio.subprocess import Process
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from bach import Fatal
 from bach.core.limits import (
     DEFAULTS,
     ERROR_TEXT,
@@ -41,6 +55,8 @@ STDERR_TAIL = 2000
 #: Bytes read from a program's pipes at a time.
 PIPE_CHUNK = 64 * 1024
 
+log = logging.getLogger("bach.program")
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -50,6 +66,21 @@ class Outcome:
     retryable: bool = True
     #: The attempt overran its timeout and its code may still be running.
     timed_out: bool = False
+    #: On failure: ``type``, ``message`` and ``traceback`` or ``stderr`` (capped).
+    error: dict[str, Any] = field(default_factory=dict)
+
+
+def failure(kind: str, message: str, retryable: bool = True, **more: Any) -> Outcome:
+    """A failed attempt whose error has this type name and message."""
+    return Outcome(False, message, retryable, error={"type": kind, "message": message, **more})
+
+
+def type_names(exc: BaseException) -> set[str]:
+    """The names an exception answers to: its classes' names, plain and qualified."""
+    names = set()
+    for cls in type(exc).__mro__:
+        names |= {cls.__name__, f"{cls.__module__}.{cls.__qualname__}"}
+    return names
 
 
 class Invoker:
@@ -61,16 +92,22 @@ class Invoker:
         spec = service.spec
         self._func: Callable[[Any], Any] | None = None
         self._threads = ThreadPoolExecutor(thread_name_prefix=f"bach-{service.name}")
+        self._permanent = set(spec.retry.non_retryable)
         if spec.handler is not None:
             self._func = load_object(spec.handler, service.base_dir)
             if not callable(self._func):
                 raise TypeError(f"handler {spec.handler!r} is not callable")
 
+    @property
+    def blocking(self) -> bool:
+        """A sync handler: it runs in a thread that cannot be stopped."""
+        return self._func is not None and not inspect.iscoroutinefunction(self._func)
+
     async def __call__(self, payload: str, timeout: float) -> Outcome:
         try:
             value = json.loads(payload)
         except ValueError as exc:
-            return Outcome(False, f"job input is not JSON: {exc}", retryable=False)
+            return failure("InvalidInput", f"job input is not JSON: {exc}", retryable=False)
         if self._func is not None:
             return await self._call(value, timeout)
         return await self._run_program(payload, timeout)
@@ -87,16 +124,24 @@ class Invoker:
                 call = asyncio.get_running_loop().run_in_executor(self._threads, func, value)
                 result = await asyncio.wait_for(call, timeout)
         except TimeoutError:
-            return Outcome(False, f"timed out after {timeout:g}s", timed_out=True)
+            out = failure("Timeout", f"timed out after {timeout:g}s")
+            return Outcome(False, out.payload, timed_out=True, error=out.error)
         except Exception as exc:
-            return Outcome(False, clean_text(f"{type(exc).__name__}: {exc}", ERROR_TEXT))
+            message = clean_text(f"{type(exc).__name__}: {exc}", ERROR_TEXT)
+            trace = "".join(traceback.format_exception(exc))
+            return failure(
+                type(exc).__name__,
+                message,
+                retryable=not isinstance(exc, Fatal) and not self._permanent & type_names(exc),
+                traceback=clean_text(trace, ERROR_TEXT, keep="tail"),
+            )
         limits = self.limits
         try:
             return Outcome(
                 True, encode_json(result, "result", limits.result, "result", limits.depth)
             )
         except BachError as exc:  # no retry makes it storable
-            return Outcome(False, f"{exc.field} {exc.reason}", retryable=False)
+            return failure(type(exc).__name__, f"{exc.field} {exc.reason}", retryable=False)
 
     async def _run_program(self, payload: str, timeout: float) -> Outcome:
         spec = self.service.spec
@@ -113,38 +158,62 @@ class Invoker:
                 stderr=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
-            return Outcome(False, f"cannot start {spec.command[0]!r}: {exc.strerror}")
+            return failure("ProgramNotStarted", f"cannot start {spec.command[0]!r}: {exc.strerror}")
         try:
             out, err = await asyncio.wait_for(self._exchange(proc, payload.encode()), timeout)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
             await proc.wait()
-            return Outcome(False, f"timed out after {timeout:g}s; the program was killed")
+            return failure("Timeout", f"timed out after {timeout:g}s; the program was killed")
+        except asyncio.CancelledError:
+            await self._stop(proc)
+            raise
         tail = clean_text(err.decode(errors="replace").strip(), STDERR_TAIL, keep="tail")
+        for line in tail.splitlines()[-20:]:
+            log.info("%s: %s", spec.command[0], line)
         if out is None:
             limit = size_text(self.limits.result)
-            return Outcome(
-                False,
+            return failure(
+                "ResultTooLarge",
                 f"program printed more than {limit}, the most a result may hold "
                 f"({option('result')}); it was killed",
                 retryable=False,
+                stderr=tail,
             )
         if proc.returncode != 0:
             detail = f": {tail}" if tail else " (no stderr)"
-            return Outcome(False, f"program exited with status {proc.returncode}{detail}")
+            return failure(
+                "ProgramExit",
+                f"program exited with status {proc.returncode}{detail}",
+                retryable=proc.returncode not in spec.retry.permanent_exit_codes,
+                exit_status=proc.returncode,
+                stderr=tail,
+            )
         try:
             result = parse_json(out, "result", self.limits.depth)
         except BachError as exc:
             shown = clean_text(out.decode(errors="replace").strip(), 200)
             detail = f"; stderr: {tail}" if tail else ""
-            return Outcome(
-                False,
+            return failure(
+                "InvalidOutput",
                 f"program printed something that is not JSON: {shown!r} ({exc.field}: "
                 f"{exc.reason}){detail}",
                 retryable=False,
+                stderr=tail,
             )
         return Outcome(True, dumps(result))
+
+    async def _stop(self, proc: Process) -> None:
+        """A cancelled program: SIGTERM, then SIGKILL once its grace runs out."""
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.service.spec.cancel_grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
 
     async def _exchange(self, proc: Process, data: bytes) -> tuple[bytes | None, bytes]:
         """Feed the program its input and read what it prints: stdout up to the result

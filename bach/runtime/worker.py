@@ -3,7 +3,13 @@
 It holds each job under a lease that it renews while the job runs; if the worker dies,
 the lease runs out (or the supervisor notices at once) and the job goes back on the
 queue. On stop it finishes what it holds, and gives back what it cannot finish in time
-without counting it as an attempt.
+without counting it as an attempt. A job the store no longer lets it hold (its request
+was cancelled or failed, or its lease ran out and it went to another worker) is stopped
+at the next heartbeat, within a second, and not reported.
+
+Each report carries what the worker saw of the attempt (``Report.info``): this
+instance (host, pid, service), when it started, the error's type, message and traceback
+or stderr, and the deliveries of the job that were lost before it.
 
 Short jobs are cheap to hand out in batches: the worker keeps an estimate of how long a
 job takes and, when jobs are fast, takes several at once (never more than about
@@ -15,17 +21,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from bach.backends.port import Backend, Lease, Report
 from bach.core.limits import DEFAULTS, Limits
 from bach.core.score import Service
-from bach.runtime.engine import worker_id
-from bach.runtime.invoke import Invoker, Outcome
+from bach.runtime.engine import HOST, worker_id
+from bach.runtime.invoke import Invoker, Outcome, failure
 
 log = logging.getLogger("bach.worker")
 
@@ -65,6 +73,8 @@ class Worker:
         self._held: dict[str, Lease] = {}
         self._backlog: deque[Lease] = deque()
         self._running: set[asyncio.Task[None]] = set()
+        #: The running task of each job, to stop it when the job is withdrawn.
+        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._unreported: list[Report] = []
         self._oldest_unreported = 0.0
         self._job_time: float | None = None
@@ -108,7 +118,9 @@ class Worker:
     def _start(self, lease: Lease) -> None:
         task = asyncio.create_task(self._run_one(lease))
         self._running.add(task)
+        self._tasks[lease.job.id] = task
         task.add_done_callback(self._running.discard)
+        task.add_done_callback(lambda _: self._tasks.pop(lease.job.id, None))
 
     async def _wait_for_slot(self) -> None:
         await asyncio.wait(self._running, timeout=FLUSH_AFTER, return_when=asyncio.FIRST_COMPLETED)
@@ -162,16 +174,22 @@ class Worker:
 
     async def _run_one(self, lease: Lease) -> None:
         job = lease.job
-        started = time.monotonic()
-        if lease.deliveries > MAX_DELIVERIES:
-            outcome = Outcome(
-                False,
+        started, started_at = time.monotonic(), self.clock()
+        if lease.deliveries > MAX_DELIVERIES or len(lease.lost) > self.service.spec.retries:
+            outcome = failure(
+                "Lost",
                 f"handed to a worker {lease.deliveries - 1} times without"
                 " a result (did the worker die each time?)",
                 retryable=False,
             )
         else:
-            outcome = await self.invoke(job.payload, job.timeout)
+            try:
+                outcome = await self.invoke(job.payload, job.timeout)
+            except asyncio.CancelledError:  # withdrawn, or the worker was forced to stop
+                if self.invoke.blocking:
+                    self.tainted = True  # its thread runs on: leave, to be replaced
+                    self.stop()
+                return
         elapsed = time.monotonic() - started
         self._job_time = (
             elapsed if self._job_time is None else (0.8 * self._job_time + 0.2 * elapsed)
@@ -190,12 +208,40 @@ class Worker:
                 self.clock(),
                 outcome.retryable,
                 elapsed,
+                self._info(lease, started_at, outcome),
             )
         )
         self.done += 1
         if outcome.timed_out and self.service.spec.handler is not None:
             self.tainted = True
             self.stop()
+
+    def _info(self, lease: Lease, started_at: float, outcome: Outcome) -> str:
+        info: dict[str, Any] = {
+            "worker": self.id,
+            "host": HOST,
+            "pid": os.getpid(),
+            "service": self.service.name,
+            "started_at": started_at,
+        }
+        if outcome.error:
+            info["error"] = outcome.error
+        if lease.lost:
+            info["lost"] = [dict(entry) for entry in lease.lost]
+        return json.dumps(info)
+
+    def _withdrawn(self, job_ids: list[str]) -> None:
+        """Jobs this worker no longer holds: stop those running, drop those waiting."""
+        for job_id in job_ids:
+            self._held.pop(job_id, None)
+            task = self._tasks.get(job_id)
+            if task is not None:
+                log.info("worker %s: job %s was withdrawn; stopping it", self.id, job_id)
+                task.cancel()
+        gone = set(job_ids)
+        kept = [lease for lease in self._backlog if lease.job.id not in gone]
+        self._backlog.clear()
+        self._backlog.extend(kept)
 
     async def _wind_down(self) -> None:
         """On stop: give back jobs not started, let running ones finish (until force()),
@@ -227,10 +273,17 @@ class Worker:
                 log.warning("worker %s: parent %d is gone; stopping", self.id, parent_pid)
                 self.stop()
             if self._held:
-                with contextlib.suppress(Exception):
-                    await self.backend.extend(
+                try:
+                    lost = await self.backend.extend(
                         list(self._held), self.id, self.clock() + self.lease_ttl
                     )
+                except Exception as exc:
+                    log.warning("worker %s: heartbeat failed (%s)", self.id, exc)
+                    continue
+                # A job reported a moment ago is no longer held either: only those still
+                # unreported are withdrawn.
+                reported = {r.job_id for r in self._unreported}
+                self._withdrawn([j for j in lost if j in self._held and j not in reported])
 
 
 async def drain(worker: Worker, task: asyncio.Task[None], grace: float) -> None:

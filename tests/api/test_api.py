@@ -56,9 +56,18 @@ def test_get_by_id_and_by_key_and_wait(http: httpx.Client) -> None:
 
 def test_same_key_returns_the_existing_request(http: httpx.Client) -> None:
     first = http.post("/api/requests", json={"input": 1, "todo": ["A"], "key": "dup"})
-    again = http.post("/api/requests", json={"input": 2, "todo": ["B"], "key": "dup"})
+    again = http.post("/api/requests", json={"input": 1, "todo": ["A"], "key": "dup"})
     assert first.status_code == 201 and again.status_code == 200
     assert again.json()["id"] == first.json()["id"] and again.json()["input"] == 1
+
+
+def test_the_same_key_with_another_body_is_a_conflict(http: httpx.Client) -> None:
+    first = http.post("/api/requests", json={"input": 1, "todo": ["A"], "key": "dup2"})
+    other = http.post("/api/requests", json={"input": 2, "todo": ["A"], "key": "dup2"})
+    assert first.status_code == 201 and other.status_code == 409
+    error = other.json()["error"]
+    assert error["field"] == "key" and "'dup2'" in error["reason"]
+    assert first.json()["id"] in error["reason"]
 
 
 def test_rubric_and_client_requests(http: httpx.Client) -> None:

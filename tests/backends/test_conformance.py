@@ -230,14 +230,36 @@ async def test_purge_forgets_a_request_with_its_parts(backend: Backend) -> None:
     assert await backend.load_many(["r1"]) == {}
 
 
-async def test_withdraw_removes_queued_jobs_but_not_leased_ones(backend: Backend) -> None:
+async def test_withdraw_removes_queued_and_leased_jobs(backend: Backend) -> None:
     await backend.create(record("r1"), "plan1", "{}", [job("r1", "a"), job("r1", "b")])
     [held] = await backend.lease("A", "w1", NOW, 10)
     await backend.commit(
         [Transition("r1", 0, record("r1", status="CANCELLED", version=1), withdraw=True)]
     )
     assert await backend.lease("A", "w2", NOW, 10) == []
-    assert await backend.extend([held.job.id], "w1", NOW + 20) == []
+    # the holder learns at its next heartbeat that the job is no longer its to run
+    assert await backend.extend([held.job.id], "w1", NOW + 20) == [held.job.id]
+    stats = await backend.stats(NOW)
+    assert stats.queues["A"].running == 0 and stats.workers == {}
+
+
+async def test_a_lost_delivery_is_noted_on_the_job_and_a_give_back_is_not(
+    backend: Backend,
+) -> None:
+    await backend.create(record("r1"), "plan1", "{}", [job("r1", "a")])
+    await backend.lease("A", "w1", NOW, 10)
+    assert await backend.requeue_expired(NOW + 11) == 1
+    [second] = await backend.lease("A", "w2", NOW + 12, 10)
+    assert await backend.release_worker("w2") == 1
+    [third] = await backend.lease("A", "w3", NOW + 13, 10)
+    await backend.release([third.job.id], "w3")
+    [fourth] = await backend.lease("A", "w4", NOW + 14, 10)
+    assert [(x["worker"], x["reason"]) for x in fourth.lost] == [
+        ("w1", "lease expired"),
+        ("w2", "worker died"),
+    ]
+    assert fourth.lost[0]["at"] == NOW + 11 and second.lost[0]["worker"] == "w1"
+    assert fourth.deliveries == 3
 
 
 async def test_list_newest_first_by_status(backend: Backend) -> None:
@@ -355,3 +377,13 @@ async def test_purge_forgets_ended_requests_older_than_the_cutoff(backend: Backe
     # the key is free again
     _, created = await backend.create(record("again", "k-old"), "plan1", "{}", [])
     assert created
+
+
+async def test_a_report_keeps_what_the_worker_recorded(backend: Backend) -> None:
+    a = job("r1", "a")
+    await backend.create(record("r1"), "plan1", "{}", [a])
+    await backend.lease("A", "w1", NOW, 10)
+    info = '{"error": {"type": "ValueError", "traceback": "Traceback ...\\n"}}'
+    sent = Report(a.id, "r1", "a", 1, False, "ValueError: x", "w1", NOW, True, 0.5, info)
+    await backend.report([sent])
+    assert await backend.reports(10) == [sent]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -265,3 +266,74 @@ def test_bad_todo_is_refused() -> None:
         compile_todo([], SERVICES)
     with pytest.raises(NotFound, match="unknown service 'Z'"):
         compile_todo(["A", "Z"], SERVICES)
+
+
+# -- attempts on record, retries of a request (issue 13) ---------------------------------
+
+
+def test_every_attempt_is_on_record_with_what_the_worker_said() -> None:
+    request, _ = start(plan_of({"a": []}))
+    info = {"worker": "h:1:A", "started_at": 0.5, "error": {"type": "ValueError"}}
+    request, _ = m.advance(request, m.JobFailed("a", 1, "ValueError: no", info=info), 1.0)
+    request, _ = m.advance(request, m.JobDone("a", 2, 7, info={"worker": "h:2:A"}), 3.0)
+    job = request.jobs["a"]
+    assert request.status == m.Status.COMPLETE and job.attempts == 2
+    assert [(a["attempt"], a["outcome"], a["worker"]) for a in job.history] == [
+        (1, "failed", "h:1:A"),
+        (2, "ok", "h:2:A"),
+    ]
+    assert job.history[0]["error"] == {"type": "ValueError"} and job.history[0]["ended_at"] == 1.0
+    assert m.Job.from_dict("a", job.to_dict()) == job
+
+
+def test_lost_deliveries_count_against_the_retries() -> None:
+    # POLICY allows 2 retries: 3 attempts in all. Two were lost, so one failure ends it.
+    request, _ = start(plan_of({"a": []}))
+    lost = [{"worker": "h:9:A", "reason": "worker died", "at": 0.2}] * 2
+    request, _ = m.advance(request, m.JobFailed("a", 1, "boom", info={"lost": lost}), 1.0)
+    job = request.jobs["a"]
+    assert [a["outcome"] for a in job.history] == ["lost", "lost", "failed"]
+    assert job.history[0]["reason"] == "worker died"
+    assert request.status == m.Status.FAILED and "after 3 attempts" in str(request.error)
+
+
+def test_backoff_grows_by_its_factor_and_jitter_takes_off_a_fixed_share() -> None:
+    task = replace(plan_of({"a": []}).tasks[0], backoff=1.0, backoff_factor=3.0, max_backoff=20.0)
+    assert [m.backoff(task, n, "seed") for n in (1, 2, 3, 4)] == [1.0, 3.0, 9.0, 20.0]
+    jittery = replace(task, jitter=0.5)
+    delays = {m.backoff(jittery, 2, f"r{i}/a/1") for i in range(50)}
+    assert all(1.5 <= d <= 3.0 for d in delays) and len(delays) == 50
+    assert m.backoff(jittery, 2, "r1/a/1") == m.backoff(jittery, 2, "r1/a/1")
+
+
+def test_a_failed_request_is_retried_from_its_failed_task_keeping_the_others() -> None:
+    plan = plan_of({"a": [], "b": ["a"], "c": ["b"]})
+    request, _ = start(plan)
+    request, _ = m.advance(request, m.JobDone("a", 1, 1), 1.0)
+    request, _ = m.advance(request, m.JobFailed("b", 1, "no", retryable=False), 2.0)
+    assert request.status == m.Status.FAILED
+    again, effects = m.advance(request, m.Retried(), 3.0)
+    assert again.status == m.Status.RUNNING and again.error is None and again.round == 1
+    assert [(e.task, e.attempt, e.input) for e in effects if isinstance(e, Dispatch)] == [
+        ("b", 2, 1)
+    ]
+    assert again.jobs["a"] is request.jobs["a"]  # its result is kept, it does not run
+    assert again.trace[-1]["event"] == "retried" and again.trace[-1]["tasks"] == ["b"]
+    # the new round has its own retries: one failure is retried again
+    again, effects = m.advance(again, m.JobFailed("b", 2, "no"), 4.0)
+    assert again.status == m.Status.RUNNING and dispatched(effects) == ["b"]
+    again, _ = m.advance(again, m.JobDone("b", 3, 2), 5.0)
+    again, _ = m.advance(again, m.JobDone("c", 1, 3), 6.0)
+    assert again.status == m.Status.COMPLETE and again.result == 3
+    assert [a["outcome"] for a in again.jobs["b"].history] == ["failed", "failed", "ok"]
+
+
+def test_only_an_ended_request_that_did_not_complete_can_be_retried() -> None:
+    request, _ = start(plan_of({"a": []}))
+    assert m.advance(request, m.Retried(), 1.0) == (request, [])
+    cancelled, _ = m.advance(request, m.Cancelled(), 1.0)
+    again, effects = m.advance(cancelled, m.Retried(), 2.0)
+    assert again.status == m.Status.RUNNING and dispatched(effects) == ["a"]
+    assert again.trace[-1]["from"] == "CANCELLED"
+    done, _ = m.advance(again, m.JobDone("a", 2, 1), 3.0)
+    assert m.advance(done, m.Retried(), 4.0) == (done, [])

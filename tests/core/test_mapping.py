@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from bach.core.mapping import Ref, Template
+from bach.core.mapping import Ref, Template, unclosed
 from bach.errors import MappingError
 
 CTX = {"input": {"x": 1, "items": [1, 2]}, "tasks": {"A": {"n": 3}}, "params": {"w": "acme"}}
@@ -58,3 +58,33 @@ def test_refs_find_root_names_and_task_names() -> None:
 
 def test_refs_ignore_names_inside_projections() -> None:
     assert Template("${input.items[?x > `1`].y}").refs() == {Ref("input")}
+
+
+def test_a_string_that_opens_an_expression_without_closing_it_is_found_with_its_place() -> None:
+    found = unclosed({"a": ["ok", "${input.x"], "b": "${input.x}", "c": "$${x", "d": 5})
+    assert [e.field for e in found] == ["input.a[1]"]
+    assert "'${input.x'" in found[0].reason and "is not closed" in found[0].reason
+
+
+def test_text_after_an_expression_is_found_too() -> None:
+    found = unclosed("${input.x} px", "result")
+    assert [e.field for e in found] == ["result"]
+    assert "text after the '}'" in found[0].reason
+
+
+def test_an_unclosed_string_still_compiles_as_a_literal_so_stored_plans_load() -> None:
+    assert Template("${input.x").render(CTX) == "${input.x"
+
+
+def test_required_params_are_those_without_which_the_expression_finds_nothing() -> None:
+    t = Template(
+        {
+            "w": "${params.watermark}",
+            "s": ["${params.size.width}", "${params.items[0]}"],
+            "o": "${?params.optional}",
+            "f": "${params.fallback || input.x}",
+            "i": "${input.x}",
+            "all": "${params}",
+        }
+    )
+    assert t.required_params() == {"watermark", "size", "items"}

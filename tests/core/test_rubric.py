@@ -175,13 +175,23 @@ def test_example_plans_keep_their_digest(file: str, rubric: str) -> None:
     assert Plan.from_dict(plan.to_dict()).digest == plan.digest
 
 
+#: What requests and jobs hold since the traces were taken (issue 13: attempts on record,
+#: retries of the request); left out so the traces still compare.
+NEWER = {"history", "submitted", "round", "trace"}
+
+
+def _as_before(body: dict[str, Any]) -> dict[str, Any]:
+    jobs = {n: {k: v for k, v in j.items() if k not in NEWER} for n, j in body["jobs"].items()}
+    return {**{k: v for k, v in body.items() if k not in NEWER}, "jobs": jobs}
+
+
 def trace(plan: Plan, value: Any = 5) -> str:
     """A hash of every stored body and every effect of one run (completion in plan order)."""
     out: list[Any] = []
     request, effects = m.advance(
         m.Request(id="r", key="k", plan=plan, input=value, created_at=0.0), m.Started(), 0.0
     )
-    out += [request.to_dict(), [repr(e) for e in effects]]
+    out += [_as_before(request.to_dict()), [repr(e) for e in effects]]
     step = 1.0
     pending = [e for e in effects if isinstance(e, Dispatch)]
     while pending:
@@ -189,7 +199,7 @@ def trace(plan: Plan, value: Any = 5) -> str:
         request, effects = m.advance(
             request, m.JobDone(effect.task, effect.attempt, [effect.task, effect.input]), step
         )
-        out += [request.to_dict(), [repr(e) for e in effects]]
+        out += [_as_before(request.to_dict()), [repr(e) for e in effects]]
         pending += [e for e in effects if isinstance(e, Dispatch)]
         step += 1.0
     assert request.status == m.Status.COMPLETE

@@ -144,3 +144,57 @@ def test_output_key_clash(tmp_path: Path) -> None:
 def test_not_yaml(tmp_path: Path) -> None:
     found = issues_of(tmp_path, "services: [unclosed")
     assert "not valid YAML/JSON" in found[0]
+
+
+def test_an_unclosed_expression_names_file_rubric_task_and_field(tmp_path: Path) -> None:
+    text = GOOD.replace('"${added}"', '{size: "${added"}').replace(
+        "  chain:\n", '  chain:\n    result: "${tasks.double"\n'
+    )
+    found = [f.removeprefix(f"{tmp_path}/") for f in issues_of(tmp_path, text)]
+    assert found == [
+        "score.yaml, rubric 'chain', task 'double', field 'input.size': the '${' of "
+        "'${added' is not closed: end the expression with '}' (or write '$${' for a "
+        "literal '${')",
+        "score.yaml, rubric 'chain', field 'result': the '${' of '${tasks.double' is not "
+        "closed: end the expression with '}' (or write '$${' for a literal '${')",
+    ]
+
+
+PARAMS = """
+services:
+  A: {handler: "m:f"}
+rubrics:
+  stamp:
+    tasks:
+      mark: {service: A, input: {text: "${params.watermark}", font: "${?params.font}"}}
+    result: {by: "${params.owner}", image: "${tasks.mark}"}
+"""
+
+
+def test_a_client_without_a_param_its_rubric_reads_is_named(tmp_path: Path) -> None:
+    clients = (
+        "clients:\n"
+        "  X: {rubric: stamp, params: {watermark: ACME}}\n"
+        "  Y: {rubric: stamp, params: {watermark: Y, owner: Y}}\n"
+    )
+    found = [f.removeprefix(f"{tmp_path}/") for f in issues_of(tmp_path, PARAMS + clients)]
+    assert found == [
+        "score.yaml, field 'params': client 'X' does not define param 'owner', which "
+        "rubric 'stamp' reads (${params.owner} in its result; defined: watermark)"
+    ]
+
+
+def test_a_client_in_another_file_is_checked_against_the_rubric_it_uses(
+    tmp_path: Path,
+) -> None:
+    rubrics = write(tmp_path, PARAMS, "rubrics.yaml")
+    clients = write(tmp_path, "clients:\n  Z: stamp\n", "clients.yaml")
+    with pytest.raises(ScoreError) as err:
+        load_scores([rubrics, clients])
+    found = [str(i).removeprefix(f"{tmp_path}/") for i in err.value.issues]
+    assert len(found) == 2 and all(f.startswith("clients.yaml,") for f in found)
+    assert "client 'Z' does not define param 'watermark'" in found[0]
+    assert "${params.watermark} in task 'mark'" in found[0]
+    assert "client 'Z' does not define param 'owner'" in found[1]
+    good = write(tmp_path, "clients:\n  Z: {rubric: stamp, params: {watermark: a, owner: b}}\n")
+    assert load_scores([rubrics, good]).clients["Z"].params["owner"] == "b"

@@ -17,7 +17,7 @@ from bach.backends.memory import MemoryBackend
 from bach.backends.port import JobRecord, RequestRecord, Transition
 from bach.core.machine import JobStatus, Status
 from bach.core.score import load_scores
-from bach.errors import InvalidInput, MappingError, NotFound
+from bach.errors import Conflict, InvalidInput, MappingError, NotFound
 from bach.runtime.codec import to_jobs
 from bach.runtime.engine import Engine, Submission, is_dead_local_worker, worker_id
 from bach.runtime.supervisor import Supervisor
@@ -153,9 +153,15 @@ async def test_one_instance_runs_as_many_jobs_at_once_as_its_concurrency(
 
 async def test_same_key_twice_is_one_request(harness: Harness) -> None:
     first, created = await harness.engine.submit(Submission(input=5, todo=["A"], key="o-1"))
-    again, created_again = await harness.engine.submit(Submission(input=9, todo=["B"], key="o-1"))
+    again, created_again = await harness.engine.submit(Submission(input=5, todo=["A"], key="o-1"))
     assert created and not created_again and again.id == first.id and again.input == 5
     assert (await harness.engine.get("o-1")).id == first.id
+    for other in (
+        Submission(input=9, todo=["A"], key="o-1"),
+        Submission(input=5, todo=["B"], key="o-1"),
+    ):
+        with pytest.raises(Conflict, match=f"key 'o-1' is taken by request {first.id}"):
+            await harness.engine.submit(other)
 
 
 async def test_bad_submissions_are_refused_and_nothing_is_stored(harness: Harness) -> None:
