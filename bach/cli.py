@@ -326,10 +326,9 @@ def serve(
 @_option(
     "--concurrency",
     env="BACH_CONCURRENCY",
-    default=1,
-    show_default=True,
+    default=None,
     type=int,
-    help="jobs run at once",
+    help="jobs run at once (default: the service's concurrency in the score)",
 )
 @_option("--grace", env="BACH_GRACE", default=10.0, show_default=True, type=float)
 @_option(
@@ -350,7 +349,7 @@ def worker(
     scores: tuple[str, ...],
     service: str,
     store: str | None,
-    concurrency: int,
+    concurrency: int | None,
     grace: float,
     lease: float,
     plugins: tuple[str, ...],
@@ -460,6 +459,13 @@ def _show(request: dict[str, Any], as_json: bool) -> None:
         if job.get("error") and job["status"] != "COMPLETE":
             line += f" error={job['error']}"
         click.echo(line)
+    failed = [job for job in request["jobs"].values() if job["status"] == "FAILED"]
+    for job in failed:
+        error = (job.get("history") or [{}])[-1].get("error") or {}
+        detail = error.get("traceback") or error.get("stderr")
+        if detail:
+            click.echo(f"last attempt of {job['service']} ({error.get('type', 'error')}):")
+            click.echo("  " + detail.rstrip().replace("\n", "\n  "))
 
 
 @main.command()
@@ -571,6 +577,18 @@ def cancel(ref: str, server: str, token: str | None, as_json: bool) -> None:
         _show(client.cancel(ref), as_json)
 
 
+@main.command()
+@click.argument("ref", metavar="ID_OR_KEY")
+@server_option
+@token_option
+@json_option
+def retry(ref: str, server: str, token: str | None, as_json: bool) -> None:
+    """Run a FAILED or CANCELLED request again from the tasks that did not complete."""
+    ref = _key(ref, "ID_OR_KEY") or ref
+    with Client(server, token) as client:
+        _show(client.retry(ref), as_json)
+
+
 def _instances_cell(service: dict[str, Any]) -> str:
     """``3 (2 busy, 1 starting)``: the count and how many are in each state."""
     if "instances" not in service:
@@ -610,6 +628,19 @@ def _status_view(figures: dict[str, Any], events: list[dict[str, Any]]) -> Any:
             s.get("bottleneck") or "",
         )
     lines: list[Table | Text] = [head, table]
+    workers = figures.get("workers") or []
+    if workers:
+        lines.append(Text("workers:"))
+        for w in workers:
+            since = time.strftime("%H:%M:%S", time.localtime(w.get("since") or 0))
+            kind = "supervised" if w.get("supervised") else "started by hand"
+            lines.append(
+                Text(
+                    f"  {w.get('host')} pid {w.get('pid')} {','.join(w.get('services', []))}"
+                    f" since {since} jobs done {w.get('jobs_done', 0)}"
+                    f" running {w.get('running', 0)}/{w.get('concurrency', 1)} ({kind})"
+                )
+            )
     if events:
         lines.append(Text("scaling:"))
         for e in events[-5:]:

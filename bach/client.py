@@ -137,6 +137,10 @@ class Client:
         result: dict[str, Any] = self._call("DELETE", f"/api/requests/{segment(ref)}")
         return result
 
+    def retry(self, ref: str) -> dict[str, Any]:
+        result: dict[str, Any] = self._call("POST", f"/api/requests/{segment(ref)}/retry")
+        return result
+
     def run_command(
         self,
         command: str,

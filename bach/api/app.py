@@ -7,6 +7,7 @@ stack trace never reaches a client.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import time
@@ -295,6 +296,7 @@ async def gather_stats(request: Request, engine: Engine) -> dict[str, Any]:
         "services": services,
         # This process's engine: other engines on the same store count their own.
         "engine": {"applied_reports": engine.applied},
+        "workers": await _workers(engine, now),
     }
     extra: StatsExtra | None = request.app.state.stats_extra
     if extra is not None:
@@ -303,6 +305,19 @@ async def gather_stats(request: Request, engine: Engine) -> dict[str, Any]:
             services.setdefault(name, {}).update(figs)
         body.update(more)
     return body
+
+
+async def _workers(engine: Engine, now: float) -> list[dict[str, Any]]:
+    """Every worker alive on the store, supervised or started by hand, oldest first."""
+    found = []
+    for ident, info in (await engine.backend.present_workers(now)).items():
+        try:
+            entry = json.loads(info)
+        except ValueError:
+            continue
+        if isinstance(entry, dict):
+            found.append({"id": ident, **entry})
+    return sorted(found, key=lambda w: (w.get("since") or 0, w["id"]))
 
 
 GAUGES = {

@@ -34,6 +34,7 @@ LAYOUT: dict[str, tuple[str, bool]] = {
     "seq": ("seq", False),
     "totals": ("totals", False),
     "supervisors": ("supervisors", False),
+    "present": ("present", False),
     "bell_jobs": ("bell:jobs", True),
     "bell_reports": ("bell:reports", False),
     "bell_ended": ("bell:ended", False),

@@ -69,6 +69,7 @@ class MemoryBackend:
         self._outcomes: Counter[tuple[str, bool]] = Counter()
         self._to_run = 0
         self._supervisors: dict[str, tuple[float, dict[str, int]]] = {}
+        self._present: dict[str, tuple[float, str]] = {}
         self._signal = _Signal()
 
     async def create(
@@ -252,6 +253,16 @@ class MemoryBackend:
             if alive_until <= now:
                 del self._supervisors[name]
         return {name: counts for name, (_, counts) in self._supervisors.items()}
+
+    async def present(self, worker: str, info: str, until: float, now: float) -> None:
+        self._present[worker] = (until, info)
+        await self.present_workers(now)
+
+    async def present_workers(self, now: float) -> dict[str, str]:
+        for name, (until, _) in list(self._present.items()):
+            if until <= now:
+                del self._present[name]
+        return {name: info for name, (_, info) in self._present.items()}
 
     async def stats(self, now: float) -> Stats:
         counts: dict[str, int] = defaultdict(int)

@@ -232,6 +232,15 @@ class Backend(Protocol):
         store share the system's instances."""
         ...
 
+    async def present(self, worker: str, info: str, until: float, now: float) -> None:
+        """Say that ``worker`` is alive until ``until``, with ``info`` (JSON: host, pid,
+        services, since, jobs done); ``until <= now`` withdraws it."""
+        ...
+
+    async def present_workers(self, now: float) -> dict[str, str]:
+        """The info of every worker alive at ``now``, by worker id; forgets the others."""
+        ...
+
     async def wait_jobs(self, service: str, timeout: float) -> None:
         """Return when jobs of this service may have arrived, or after timeout."""
         ...

@@ -34,6 +34,7 @@ Python and for the Lua scripts alike):
 ``p:seq``                      string  arrival counter for ``p:outbox``
 ``p:totals``                   hash    ``to_run`` -> sum of the requests' ``to_run`` fields
 ``p:supervisors``              hash    supervisor id -> JSON [alive until, {service: instances}]
+``p:present``                  hash    worker id -> JSON [alive until, info]
 ``p:bell:jobs:<service>``      chan    published when that service's jobs are queued
 ``p:bell:reports``             chan    published when reports arrive
 ``p:bell:ended``               chan    a request's id, published when it ends
@@ -486,6 +487,32 @@ class RedisBackend:
             _text(alive[i]): {k: int(v) for k, v in json.loads(alive[i + 1])[1].items()}
             for i in range(0, len(alive), 2)
         }
+
+    async def present(self, worker: str, info: str, until: float, now: float) -> None:
+        key = self.keys.present
+        try:
+            if until <= now:
+                await self._client.hdel(key, worker)
+            else:
+                await self._client.hset(key, worker, json.dumps([until, info]))
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreError(
+                "store", f"redis at {redact_url(self.url)} is unreachable: {exc}"
+            ) from exc
+
+    async def present_workers(self, now: float) -> dict[str, str]:
+        key = self.keys.present
+        found: dict[str, str] = {}
+        gone: list[str] = []
+        for name, entry in (await self._client.hgetall(key)).items():
+            until, info = json.loads(entry)
+            if until > now:
+                found[_text(name)] = info
+            else:
+                gone.append(_text(name))
+        if gone:
+            await self._client.hdel(key, *gone)
+        return found
 
     async def stats(self, now: float) -> Stats:
         requests, queues, workers, reports, to_run = await self._run(self._stats, repr(now))

@@ -74,6 +74,8 @@ CREATE TABLE IF NOT EXISTS reports (
     elapsed REAL NOT NULL DEFAULT 0, info TEXT NOT NULL DEFAULT '');
 CREATE TABLE IF NOT EXISTS supervisors (
     id TEXT PRIMARY KEY, until REAL NOT NULL, instances TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS workers_present (
+    id TEXT PRIMARY KEY, until REAL NOT NULL, info TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS service_counts (
     service TEXT PRIMARY KEY, enqueued INTEGER NOT NULL DEFAULT 0,
     completed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0);
@@ -533,6 +535,24 @@ class SqliteBackend:
 
         # Presence, not data: losing the last few in a power cut costs nothing.
         return await self._write(op, durable=False)
+
+    async def present(self, worker: str, info: str, until: float, now: float) -> None:
+        def op(conn: sqlite3.Connection, topics: set[str]) -> None:
+            conn.execute(
+                "INSERT INTO workers_present (id, until, info) VALUES (?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET until = excluded.until, info = excluded.info",
+                (worker, until, info),
+            )
+            conn.execute("DELETE FROM workers_present WHERE until <= ?", (now,))
+
+        await self._write(op, durable=False)  # presence, not data
+
+    async def present_workers(self, now: float) -> dict[str, str]:
+        def op(conn: sqlite3.Connection) -> dict[str, str]:
+            rows = conn.execute("SELECT id, info FROM workers_present WHERE until > ?", (now,))
+            return dict(rows)
+
+        return await self._read(op)
 
     async def stats(self, now: float) -> Stats:
         def op(conn: sqlite3.Connection) -> Stats:

@@ -105,7 +105,7 @@ async def run_worker(
     store: str | None,
     *,
     parent_pid: int | None = None,
-    concurrency: int = 1,
+    concurrency: int | None = None,
     grace: float = 10.0,
     lease: float = 15.0,
     plugins: Sequence[str] = (),
@@ -129,7 +129,10 @@ async def run_worker(
             "store", "a worker process needs a shared store (sqlite or redis), not memory://"
         )
     backend = open_backend(url)
-    worker = Worker(backend, found, concurrency=concurrency, lease_ttl=lease, limits=limits)
+    # The score's concurrency unless told otherwise (--concurrency).
+    jobs = found.spec.concurrency if concurrency is None else concurrency
+    worker = Worker(backend, found, concurrency=jobs, lease_ttl=lease, limits=limits)
+    worker.supervised = parent_pid is not None
     stop = asyncio.Event()
     stop_on_signals(stop)
     task = asyncio.create_task(worker.run(parent_pid=parent_pid))

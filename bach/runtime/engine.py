@@ -637,11 +637,15 @@ class Engine:
             purged = await self.backend.purge(self.clock() - self.retain)
             if purged:
                 log.info("forgot %d request(s) ended over %gs ago", purged, self.retain)
-        stats = await self.backend.stats(self.clock())
+        now = self.clock()
+        stats = await self.backend.stats(now)
         for worker in stats.workers:
             if is_dead_local_worker(worker):
                 released = await self.backend.release_worker(worker)
                 log.warning("worker %s is gone; %d job(s) back on their queues", worker, released)
+        for worker in await self.backend.present_workers(now):
+            if is_dead_local_worker(worker):  # no need to wait for its presence to lapse
+                await self.backend.present(worker, "", 0.0, now)
 
     async def run_until_idle(self, timeout: float = 30.0) -> None:
         """Apply reports until no request is active (for tests with in-process workers)."""

@@ -45,6 +45,8 @@ BATCH_TIME = 0.01
 MAX_PREFETCH = 16
 #: Longest a finished job's result waits to be handed in with the next lease.
 FLUSH_AFTER = 0.02
+#: Seconds a worker stays listed (``Backend.present``) after its last heartbeat.
+PRESENCE_TTL = 5.0
 
 
 class Worker:
@@ -69,6 +71,9 @@ class Worker:
         self.clock = clock
         self.invoke = Invoker(service, limits)
         self.done = 0
+        self.since = clock()
+        #: Started by a supervisor (True) or by hand with ``bach worker``.
+        self.supervised = False
         #: Jobs leased and not yet reported, started or not.
         self._held: dict[str, Lease] = {}
         self._backlog: deque[Lease] = deque()
@@ -114,6 +119,7 @@ class Worker:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
+            await self._present(0.0)  # gone from the listing at once
 
     def _start(self, lease: Lease) -> None:
         task = asyncio.create_task(self._run_one(lease))
@@ -265,9 +271,31 @@ class Worker:
             )
             self._held.clear()
 
+    def presence(self) -> str:
+        """What ``bach status`` shows of this worker."""
+        return json.dumps(
+            {
+                "host": HOST,
+                "pid": os.getpid(),
+                "services": [self.service.name],
+                "concurrency": self.concurrency,
+                "since": self.since,
+                "jobs_done": self.done,
+                "running": len(self._running),
+                "supervised": self.supervised,
+            }
+        )
+
+    async def _present(self, until: float) -> None:
+        try:
+            await self.backend.present(self.id, self.presence(), until, self.clock())
+        except Exception as exc:
+            log.warning("worker %s: could not tell the store it is up (%s)", self.id, exc)
+
     async def _heartbeat(self, parent_pid: int | None) -> None:
         interval = min(self.lease_ttl / 3, 1.0)
         while True:
+            await self._present(self.clock() + PRESENCE_TTL)
             await asyncio.sleep(interval)
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("worker %s: parent %d is gone; stopping", self.id, parent_pid)

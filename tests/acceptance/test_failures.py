@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.helpers import FIXTURES, System, read_log, running_system
+from tests.helpers import FIXTURES, System, Workers, bach, read_log, running_system
 
 SCORE = FIXTURES / "failures.yaml"
 
@@ -143,3 +143,58 @@ def test_cancel_stops_the_running_program(run: Run) -> None:
         raise AssertionError(f"program {pid} still runs {time.monotonic() - started:.1f}s on")
     after = run.wait(rid, wait=0)
     assert after["status"] == "CANCELLED" and after["jobs"]["sleeper"]["status"] == "CANCELLED"
+
+
+def test_the_cli_shows_the_traceback_and_retries(run: Run) -> None:
+    env = {"BACH_TEST_LOG": str(run.log), "BACH_TEST_FLAGS": str(run.flags)}
+    failed = run.submit({"rubric": "three_steps", "input": 4})
+    shown = bach("get", failed["id"], "--server", run.system.url, env=env)
+    assert shown.returncode == 1, shown.stderr  # a request that failed
+    assert "last attempt of second (RuntimeError):" in shown.stdout
+    assert 'raise RuntimeError("the second service is down")' in shown.stdout
+    run.flags.write_text("up")
+    again = bach("retry", failed["id"], "--server", run.system.url, env=env)
+    assert again.returncode == 0, again.stderr
+    assert run.wait(failed["id"])["result"] == 53
+    refused = bach("retry", failed["id"], "--server", run.system.url, env=env)
+    assert refused.returncode != 0 and "only a FAILED or CANCELLED" in refused.stderr
+
+
+def test_workers_started_by_hand_are_listed_while_they_run(tmp_path: Path) -> None:
+    log, flags = tmp_path / "calls.log", tmp_path / "flag"
+    env = {"BACH_TEST_LOG": str(log), "BACH_TEST_FLAGS": str(flags)}
+    store = f"sqlite:///{tmp_path}/bach.db"
+    workers = Workers(store, tmp_path, env, [SCORE])
+    with (
+        running_system([SCORE], store, tmp_path, "--no-workers", env=env) as system,
+        httpx.Client(base_url=system.url, timeout=60) as http,
+    ):
+        try:
+            one, two = workers.start("twice"), workers.start("first")
+
+            def listed() -> dict[int, dict[str, Any]]:
+                found = http.get("/api/stats").json()["workers"]
+                return {w["pid"]: w for w in found}
+
+            deadline = time.monotonic() + 20
+            while set(listed()) != {one.pid, two.pid} and time.monotonic() < deadline:
+                time.sleep(0.1)
+            done = http.post("/api/requests", params={"wait": 30}, json={"todo": ["twice"]})
+            assert done.json()["status"] == "COMPLETE"
+            time.sleep(1.5)  # a heartbeat
+            shown = listed()
+            assert shown[one.pid]["services"] == ["twice"] and not shown[one.pid]["supervised"]
+            assert shown[one.pid]["jobs_done"] == 3 and shown[two.pid]["jobs_done"] == 0
+            assert shown[one.pid]["since"] <= time.time()
+            status = bach("status", "--server", system.url, env=env)
+            assert f"pid {one.pid} twice" in status.stdout and "started by hand" in status.stdout
+            one.send_signal(signal.SIGTERM)  # stops: gone at once
+            one.wait(20)
+            two.send_signal(signal.SIGKILL)  # dies: gone at the engine's next sweep
+            two.wait(20)
+            deadline = time.monotonic() + 10
+            while listed() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert listed() == {}
+        finally:
+            workers.stop_all()

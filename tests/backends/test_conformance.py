@@ -387,3 +387,14 @@ async def test_a_report_keeps_what_the_worker_recorded(backend: Backend) -> None
     sent = Report(a.id, "r1", "a", 1, False, "ValueError: x", "w1", NOW, True, 0.5, info)
     await backend.report([sent])
     assert await backend.reports(10) == [sent]
+
+
+async def test_workers_are_present_until_their_time_runs_out_or_they_leave(
+    backend: Backend,
+) -> None:
+    await backend.present("h:1:A", '{"pid": 1}', NOW + 5, NOW)
+    await backend.present("h:2:B", '{"pid": 2}', NOW + 1, NOW)
+    assert await backend.present_workers(NOW) == {"h:1:A": '{"pid": 1}', "h:2:B": '{"pid": 2}'}
+    assert await backend.present_workers(NOW + 2) == {"h:1:A": '{"pid": 1}'}  # 2 went quiet
+    await backend.present("h:1:A", '{"pid": 1}', 0.0, NOW + 3)  # 1 stopped
+    assert await backend.present_workers(NOW + 3) == {}
