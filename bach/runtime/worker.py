@@ -85,6 +85,8 @@ class Worker:
         self._job_time: float | None = None
         self._stopping = asyncio.Event()
         self._forced = asyncio.Event()
+        #: Set when the heartbeat must end.
+        self._quiet = asyncio.Event()
         #: Set when a sync handler overran its timeout: its thread cannot be stopped, so
         #: the worker leaves after reporting and the supervisor starts a fresh one.
         self.tainted = False
@@ -116,6 +118,7 @@ class Worker:
                     await self._idle()
         finally:
             await self._wind_down()
+            self._quiet.set()
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
@@ -294,9 +297,13 @@ class Worker:
 
     async def _heartbeat(self, parent_pid: int | None) -> None:
         interval = min(self.lease_ttl / 3, 1.0)
-        while True:
+        # Not only cancelled: a store client may swallow a cancellation mid-call.
+        while not self._quiet.is_set():
             await self._present(self.clock() + PRESENCE_TTL)
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._quiet.wait(), interval)
+            if self._quiet.is_set():
+                return
             if parent_pid is not None and os.getppid() != parent_pid:
                 log.warning("worker %s: parent %d is gone; stopping", self.id, parent_pid)
                 self.stop()
