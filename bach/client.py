@@ -167,6 +167,23 @@ class Client:
     def wait_command(self, ref: str, timeout: float) -> dict[str, Any]:
         return self._wait(f"/api/commands/{segment(ref)}", timeout)
 
+    def list_commands(
+        self, status: str | None = None, limit: int = 100
+    ) -> builtins.list[dict[str, Any]]:
+        """Command runs, newest first, as summaries."""
+        params: dict[str, Any] = {"limit": limit}
+        if status:
+            params["status"] = status
+        result: builtins.list[dict[str, Any]] = self._call("GET", "/api/commands", params=params)[
+            "runs"
+        ]
+        return result
+
+    def cancel_command(self, ref: str) -> dict[str, Any]:
+        """Cancel a command run that has not ended; its CommandState tree."""
+        result: dict[str, Any] = self._call("POST", f"/api/commands/{segment(ref)}/cancel")
+        return result
+
     def scaling_events(self) -> builtins.list[dict[str, Any]]:
         result: builtins.list[dict[str, Any]] = self._call("GET", "/api/events/scaling")["events"]
         return result

@@ -25,6 +25,7 @@ from bach.api.body import body_schema, first_error, read_model
 from bach.api.schemas import (
     CommandBody,
     CommandCall,
+    CommandList,
     ErrorView,
     RequestList,
     RequestView,
@@ -40,6 +41,7 @@ from bach.commands.runner import CommandRunner
 from bach.core.machine import Request as BachRequest
 from bach.core.scaling import INSTANCE_STATES
 from bach.errors import BachError, Conflict, NotFound
+from bach.runtime import metrics as meters
 from bach.runtime.codec import Head
 from bach.runtime.engine import Engine, Submission, Unreadable
 
@@ -247,11 +249,36 @@ async def submit_command(http: Request, engine: EngineDep, wait: Wait = 0) -> Re
     )
 
 
+@router.get("/commands", response_model=CommandList)
+async def list_commands(
+    engine: EngineDep,
+    status: StatusFilter = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    before: Annotated[
+        float | None, Query(description="only runs created before this time (paging)")
+    ] = None,
+) -> Response:
+    """Command runs newest first, as summaries (the tree is one GET away); ``next`` is
+    the ``before`` of the next page. One page reads at most 10,000 stored records, so
+    ``next`` may be given with fewer runs than ``limit``."""
+    found, more = await _runner(engine).list_runs(status, limit, before)
+    return Response(readable_page({"runs": found, "next": more}), media_type="application/json")
+
+
 @router.get("/commands/{ref}")
 async def get_command(ref: str, engine: EngineDep, wait: Wait = 0) -> Response:
     """A command run's CommandState tree, by id or key."""
     runner = _runner(engine)
     run = await (runner.wait(ref, wait) if wait else runner.get(ref))
+    return Response(readable_page(run.view()), media_type="application/json")
+
+
+@router.post("/commands/{ref}/cancel")
+async def cancel_command(ref: str, engine: EngineDep) -> Response:
+    """Cancel a run that has not ended (409 if it has): CANCELLED, its service jobs
+    withdrawn, and no child call starts after; the calls that were running are marked
+    FAILED with a ``Cancelled`` error. The CommandState tree."""
+    run = await _runner(engine).cancel(ref)
     return Response(readable_page(run.view()), media_type="application/json")
 
 
@@ -341,7 +368,8 @@ SERVICE_GAUGES = {
 
 
 async def metrics(request: Request) -> Response:
-    """The stats in Prometheus's text format."""
+    """The stats in Prometheus's text format, with the engine's counters
+    (``bach.runtime.metrics``)."""
     body = await gather_stats(request, request.app.state.engine)
     registry = CollectorRegistry()
     for name, text in GAUGES.items():
@@ -370,6 +398,9 @@ async def metrics(request: Request) -> Response:
         states = list(figures.get("instance_states", {}).values())
         for state in INSTANCE_STATES:
             by_state.labels(service, state).set(states.count(state))
+    # The engine's counters, collected with the gauges: one document, each name once.
+    meters.declare(body["services"])
+    registry.register(meters.collector())
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

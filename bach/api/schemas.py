@@ -306,3 +306,25 @@ class CommandBody(BaseModel):
         "has no name) at most once",
         json_schema_extra={"maxItems": Limits.tasks},
     )
+
+
+class CommandSummary(BaseModel):
+    """One line of a listing of command runs: what a run runs and where it stands."""
+
+    id: str
+    key: str
+    status: str = Field(description="PENDING, RUNNING, COMPLETE, FAILED or CANCELLED")
+    commands: dict[str, str] = Field(
+        default_factory=dict, description="the run's top-level calls: name -> command"
+    )
+    error: dict[str, Any] | None = None
+    created_at: float
+    updated_at: float
+    unreadable: str | None = Field(None, description="why the stored record cannot be read")
+
+
+class CommandList(BaseModel):
+    runs: list[CommandSummary]
+    next: float | None = Field(
+        None, description="pass as ?before= for the next page; null on the last page"
+    )

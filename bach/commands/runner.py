@@ -12,6 +12,12 @@ engine claims the run and executes it again from the top; completed children com
 from the store. A call to a score service is a job on that service's queue, committed
 with the run's tree; whichever engine reads the worker's report applies it to the tree
 (``apply_service_reports``) and the owner picks the response up from there.
+
+A client cancels a run with one commit of its record (``cancel``), through any engine:
+its status becomes CANCELLED and its service jobs are withdrawn. The owner learns it at
+once when the cancel came through its own engine, else at its next read or write of the
+run (before each child call it starts, after each that ends, every half second while a
+service call runs, at its lease's heartbeat), and stops: no child call starts after.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from typing import Any
 
 from bach.backends.port import Backend, JobRecord, Report, RequestRecord, Transition
 from bach.commands import CommandFailed, DuplicateAlias, command_name, is_command
-from bach.commands.state import PLAN_ID, Node, Run, Status, error_of
+from bach.commands.state import ENDED, PLAN_ID, Node, Run, Status, error_of
 from bach.core.limits import DEFAULTS, Limits, check_key, encode_json, option, read_result
 from bach.core.score import Score
 from bach.errors import BachError, Conflict, InvalidInput, NotFound
@@ -39,6 +45,12 @@ log = logging.getLogger("bach.commands")
 
 #: Seconds an owner's claim on a run lasts without being pushed out.
 LEASE = 30.0
+CANCELLED_ERROR = {"type": "Cancelled", "message": "the run was cancelled by a client"}
+#: The error of a call that had started and not ended when its run was cancelled.
+_CUT_SHORT = {"type": "Cancelled", "message": "the run was cancelled before this call ended"}
+#: Records one listing of runs reads at most (requests are in the same listing).
+LIST_SCAN = 10_000
+_PAGE = 500
 
 
 class CommandDiverged(BachError):
@@ -49,6 +61,10 @@ class CommandDiverged(BachError):
 
 class RunLost(Exception):
     """Another engine has claimed this run: stop executing it here."""
+
+
+class RunCancelled(RunLost):
+    """A client has cancelled this run: stop executing it."""
 
 
 class Registry:
@@ -100,6 +116,33 @@ def load_run(record: RequestRecord) -> Run:
     return Run.from_body(record.id, record.key, record.status, json.loads(record.body))
 
 
+def summary_of(record: RequestRecord) -> dict[str, Any]:
+    """A run in a listing: what it runs and how it stands, without its tree."""
+    out: dict[str, Any] = {
+        "id": record.id,
+        "key": record.key,
+        "status": record.status,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    }
+    try:
+        run = load_run(record)
+    except Exception as exc:  # a record this version cannot read: say so, list the rest
+        out["unreadable"] = f"{type(exc).__name__}: {exc}"[:500]
+        return out
+    out["commands"] = {name: node.command for name, node in run.root.children.items()}
+    out["error"] = run.error
+    return out
+
+
+def _cut_short(node: Node) -> None:
+    """Mark the calls under ``node`` that had started and not ended as cancelled."""
+    for child in node.children.values():
+        if child.status in (Status.PENDING, Status.RUNNING):
+            child.status, child.error = Status.FAILED, dict(_CUT_SHORT)
+        _cut_short(child)
+
+
 def _service_job(
     run_id: str, node: Node, path: str, score: Score, available_at: float
 ) -> JobRecord:
@@ -125,6 +168,10 @@ def apply_service_reports(
     limits: Limits = DEFAULTS,
 ) -> Transition:
     """Apply workers' reports on a run's service calls to its stored tree (engine side)."""
+    if record.status == Status.CANCELLED:  # reports of withdrawn jobs: nothing to apply
+        return Transition(
+            record.id, record.version, None, consumed=tuple(r.job_id for r in reports)
+        )
     run = load_run(record)
     enqueue: list[JobRecord] = []
     changed = False
@@ -171,6 +218,8 @@ class _Live:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
+    #: A client cancelled the run: no child call starts, nothing more is saved.
+    cancelled: bool = False
 
 
 class _Context:
@@ -290,6 +339,71 @@ class CommandRunner:
         live = self._live.get(record.id)
         return live.run if live is not None else load_run(record)
 
+    async def list_runs(
+        self, status: str | None = None, limit: int = 100, before: float | None = None
+    ) -> tuple[list[dict[str, Any]], float | None]:
+        """Runs newest first, as summaries, and the ``before`` of the next page (None:
+        this is the last). Runs share the store's listing with requests: one call reads
+        at most ``LIST_SCAN`` records, and gives where it stopped as the next page."""
+        found: list[dict[str, Any]] = []
+        read = 0
+        while True:
+            records = await self.backend.list_requests(status, _PAGE, before)
+            for record in records:
+                if record.plan_id == PLAN_ID:
+                    found.append(summary_of(record))
+                    if len(found) == limit:
+                        return found, record.created_at
+            read += len(records)
+            if len(records) < _PAGE:
+                return found, None
+            before = records[-1].created_at
+            if read >= LIST_SCAN:
+                return found, before
+
+    async def cancel(self, ref: str) -> Run:
+        """End a run that has not ended: CANCELLED in the store, its service jobs
+        withdrawn (a worker running one stops it), the calls that were running marked
+        as cut short. Its owner, this engine or another, starts no child call after;
+        a sync command's thread that is running cannot be stopped, but whatever it
+        does next through its context fails, and what it returns is not kept."""
+        for _ in range(100):
+            record = await self.backend.load(ref)
+            if record is None or record.plan_id != PLAN_ID:
+                raise NotFound("command", f"no command run with id or key {ref!r}")
+            if record.status in ENDED:
+                raise Conflict(
+                    "status", f"command run {record.id} has already ended ({record.status})"
+                )
+            run = load_run(record)
+            live = self._live.get(record.id)
+            if live is not None:  # the owner's copy knows which calls are running
+                live.cancelled = True
+                live.run.merge_ended_from(run)
+                run.root = Node.from_dict(live.run.root.to_dict())  # kept if this fails
+            run.status, run.error = Status.CANCELLED, dict(CANCELLED_ERROR)
+            _cut_short(run.root)
+            new = _record(run, record.version + 1, record.created_at, self.clock())
+            step = Transition(record.id, record.version, new, withdraw=True)
+            try:
+                ok = (await self.backend.commit([step]))[0]
+            except BaseException:
+                if live is not None:  # not cancelled: the owner carries on
+                    live.cancelled = False
+                raise
+            if ok:
+                log.info(
+                    "command run %s CANCELLED",
+                    run.id,
+                    extra={"request_id": run.id, "status": run.status.value},
+                )
+                if live is not None:
+                    live.run.root, live.run.status, live.run.error = run.root, run.status, run.error
+                    if live.task is not None:
+                        live.task.cancel()
+                return run
+        raise RuntimeError(f"command run {ref} kept changing while it was being cancelled")
+
     async def wait(self, ref: str, timeout: float) -> Run:
         deadline = time.monotonic() + timeout
         run = await self.get(ref)
@@ -344,8 +458,13 @@ class CommandRunner:
             if live.run.lease_until - now > LEASE * 2 / 3:
                 continue
             live.run.lease_until = self.clock() + LEASE
-            with contextlib.suppress(RunLost):
+            try:
                 await self._save(live)
+            except RunCancelled:  # through another engine: stop what it still runs
+                if live.task is not None:
+                    live.task.cancel()
+            except RunLost:
+                pass
 
     def notify(self, run_id: str) -> None:
         """An engine applied a service result to this run: let its owner look."""
@@ -384,6 +503,8 @@ class CommandRunner:
             else:
                 run.status = Status.COMPLETE
             await self._save(live)
+        except RunCancelled:
+            log.info("command run %s was cancelled; stopped executing it", run.id)
         except RunLost:
             log.warning("command run %s was claimed by another engine; leaving it", run.id)
         except asyncio.CancelledError:
@@ -449,6 +570,11 @@ class CommandRunner:
         if node.status == Status.FAILED:
             assert node.error is not None
             raise CommandFailed(name, node.error)
+        # About to run (or wait for) a call: not for a run cancelled since, here or
+        # through another engine.
+        if live.cancelled:
+            raise RunCancelled(live.run.id)
+        await self._refresh(live)
         if service is not None:
             return await self._call_service(live, node, "/".join([*path, name]))
         assert cls is not None
@@ -511,6 +637,9 @@ class CommandRunner:
         record = await self.backend.load(live.run.id)
         if record is None:
             raise RunLost(live.run.id)
+        if record.status == Status.CANCELLED:
+            live.cancelled = True
+            raise RunCancelled(live.run.id)
         stored = load_run(record)
         if stored.owner != self.owner:
             raise RunLost(live.run.id)
@@ -519,6 +648,8 @@ class CommandRunner:
             live.version = record.version
 
     async def _save(self, live: _Live, enqueue: tuple[JobRecord, ...] = ()) -> None:
+        if live.cancelled:
+            raise RunCancelled(live.run.id)
         if self._closing:
             raise RunLost(live.run.id)
         async with live.lock:

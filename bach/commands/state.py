@@ -24,9 +24,11 @@ class Status(StrEnum):
     RUNNING = "RUNNING"
     COMPLETE = "COMPLETE"
     FAILED = "FAILED"
+    #: A client cancelled the run (a run only; a call cut short by it is FAILED).
+    CANCELLED = "CANCELLED"
 
 
-ENDED = (Status.COMPLETE, Status.FAILED)
+ENDED = (Status.COMPLETE, Status.FAILED, Status.CANCELLED)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""What every Bach process starts with: logging, signals, plugins, and ``bach worker``.
+"""What every Bach process starts with: signals, plugins, and ``bach worker`` (logging is
+``bach.runtime.logs``).
 
 Kept apart from ``server`` so that a worker process does not import the web stack:
 it starts in about half the time, which is what a cold start of a service costs.
@@ -12,7 +13,6 @@ import io
 import logging
 import os
 import signal
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,11 +147,3 @@ async def run_worker(
     stopper.cancel()
     await backend.close()
     return 3 if worker.tainted else 0
-
-
-def setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s[{os.getpid()}]: %(message)s",
-        stream=sys.stderr,
-    )

@@ -50,6 +50,7 @@ from bach.errors import (
     TooLarge,
     UnreadableRecord,
 )
+from bach.runtime import metrics
 from bach.runtime.codec import (
     Head,
     Held,
@@ -187,6 +188,7 @@ class Engine:
         #: Runs durable commands, when the system has any.
         self.commands: CommandRunner | None = None
         self.score = score
+        metrics.declare(score.services)
         self.clock = clock
         self.plans = Plans(backend)
         #: The requests this engine stepped last, so that their next step reads only
@@ -255,6 +257,7 @@ class Engine:
                 )
             return existing, False
         self.held.put(known)
+        metrics.request_submitted()
         log.info(
             "request %s accepted (%s, %d tasks)",
             request.id,
@@ -447,6 +450,9 @@ class Engine:
             if report.ok or job is None or old.jobs.get(report.task) is job:
                 continue
             error = info_of(report).get("error") or {}
+            retrying = job.status == machine.JobStatus.QUEUED
+            if retrying:
+                metrics.job_retried(new.plan.by_name[report.task].service)
             log.info(
                 "request %s task %s attempt %d failed: %s",
                 rid,
@@ -458,7 +464,7 @@ class Engine:
                     "task": report.task,
                     "attempt": report.attempt,
                     "error_type": error.get("type", "Error"),
-                    "retrying": job.status == machine.JobStatus.QUEUED,
+                    "retrying": retrying,
                 },
             )
         self._log_change(old, new)
@@ -466,6 +472,7 @@ class Engine:
     @staticmethod
     def _log_change(old: Request, new: Request) -> None:
         if new.terminal and not old.terminal:
+            metrics.request_ended(new.status.value)
             message = (new.error or {}).get("message", "")
             log.info(
                 "request %s %s%s",
@@ -523,11 +530,19 @@ class Engine:
         results: Sequence[bool],
         outcomes: Mapping[str, list[tuple[str, Report]]],
     ) -> None:
-        """Service times from the reports of the steps that were committed."""
+        """Service times and job counts from the reports of the steps that were
+        committed (deliveries the store found lost are counted with the report of the
+        attempt that came after them)."""
         for step, ok in zip(steps, results, strict=True):
             if not ok:
                 continue
             for service, report in outcomes.get(step.request_id, ()):
+                for _ in info_of(report).get("lost") or ():
+                    metrics.job_finished(service, "lost", None)
+                    metrics.job_retried(service)
+                metrics.job_finished(
+                    service, "ok" if report.ok else "failed", report.elapsed or None
+                )
                 if report.elapsed > 0:
                     old = self.service_time.get(service)
                     self.service_time[service] = (

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import json
 import logging
@@ -121,7 +122,11 @@ class Invoker:
             else:
                 # Our own threads, not the loop's default executor: asyncio.run() joins
                 # that at exit, and a stuck handler would then hold the process.
-                call = asyncio.get_running_loop().run_in_executor(self._threads, func, value)
+                # In a copy of this context: the handler's log lines carry its job.
+                context = contextvars.copy_context()
+                call = asyncio.get_running_loop().run_in_executor(
+                    self._threads, context.run, func, value
+                )
                 result = await asyncio.wait_for(call, timeout)
         except TimeoutError:
             out = failure("Timeout", f"timed out after {timeout:g}s")

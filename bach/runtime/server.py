@@ -196,6 +196,8 @@ async def _serve(
         host=options.host,
         port=options.port,
         log_level="warning",
+        # uvicorn's own logging setup off: its lines go through ours (text or JSON).
+        log_config=None,
         lifespan="off",
         access_log=False,
     )
@@ -217,15 +219,9 @@ async def _serve(
         await _shutdown(server, supervisor, engine, tasks)
         await backend.close()
         raise BachError("--port", f"cannot serve on {options.host}:{options.port}")
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    print(
-        f"bach: serving http://{shown}:{port} (store {redact_url(store)}, "
-        f"{len(score.services)} services, {len(score.rubrics)} rubrics)",
-        flush=True,
-    )
+    print(banner(sock, store, score, options.token), flush=True)
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
     log.info("stopping")
@@ -233,6 +229,19 @@ async def _serve(
     stopper.cancel()
     await backend.close()
     print("bach: stopped", flush=True)
+
+
+def banner(sock: socket.socket, store: str, score: Score, token: str | None) -> str:
+    """The line ``bach serve`` starts with: where it listens (first, for scripts), the
+    store without its password, the score files, and whether the API wants a token."""
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    files = ", ".join(score.files) or "none"
+    access = "token required" if token else "no token required"
+    return (
+        f"bach: serving http://{shown}:{port} (store {redact_url(store)}; score {files}; "
+        f"{len(score.services)} services, {len(score.rubrics)} rubrics; {access})"
+    )
 
 
 async def _shutdown(

@@ -32,6 +32,7 @@ from typing import Any
 from bach.backends.port import Backend, Lease, Report
 from bach.core.limits import DEFAULTS, Limits
 from bach.core.score import Service
+from bach.runtime import logs
 from bach.runtime.engine import HOST, worker_id
 from bach.runtime.invoke import Invoker, Outcome, failure
 
@@ -193,7 +194,8 @@ class Worker:
             )
         else:
             try:
-                outcome = await self.invoke(job.payload, job.timeout)
+                with logs.job_context(job.request_id, job.task, job.attempt):
+                    outcome = await self.invoke(job.payload, job.timeout)
             except asyncio.CancelledError:  # withdrawn, or the worker was forced to stop
                 if self.invoke.blocking:
                     self.tainted = True  # its thread runs on: leave, to be replaced
